@@ -1,0 +1,44 @@
+"""approxbp-fx: Approx-BP and MS-BP as a torch.compile backend.
+
+``torch.compile(model, backend="approxbp")`` (no import needed once installed)
+saves k-bit derivative codes instead of GELU/SiLU inputs for backward, where
+inductor's own partitioner confirms that shrinks the saved set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import kernels  # noqa: F401  (registers the approxbp:: custom ops)
+
+# backend
+from .backend import approxbp, backend
+
+# configuration
+from .config import ApproxBPConfig
+from .coefficients import StepTable, table
+
+# reporting
+from .explain import Explanation, explain
+from .measure import saved_activation_bytes
+
+__all__ = [
+    # backend
+    "backend",
+    "approxbp",
+    # configuration
+    "ApproxBPConfig",
+    "StepTable",
+    "table",
+    # reporting
+    "explain",
+    "Explanation",
+    "saved_activation_bytes",
+]
+
+__version__ = "0.1.0"
+
+
+def _source_files() -> list[Path]:
+    """The files whose text decides what the backend emits (for compile-cache keys)."""
+    return sorted(Path(__file__).parent.rglob("*.py"))

@@ -1,0 +1,65 @@
+"""The exact activations that Approx-BP approximates in backward.
+
+One registry serves three readers: the custom ops' forward (always exact), the
+reference autograd Functions, and the pass that recognises a decomposed
+subgraph by evaluating it against these functions in float64.
+
+Low-precision inputs are computed in float32 and rounded once at the end, as
+inductor's generated code does (``emulate_precision_casts`` is off by default),
+so the rewritten forward equals ``backend="inductor"`` up to rounding.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["ACTIVATIONS", "activation_fn", "exact_forward", "exact_derivative"]
+
+
+def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    # CLIP's QuickGELU; 1.702 is the constant CLIP and HF ship.
+    return x * torch.sigmoid(1.702 * x)
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    # Written out rather than F.gelu(approximate="tanh") so float64 probes and
+    # the hand-written GPT-2 formula agree to the last bit of the maths.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "gelu_tanh": _gelu_tanh,
+    "silu": F.silu,
+    "quick_gelu": _quick_gelu,
+}
+
+ACTIVATIONS: tuple[str, ...] = tuple(_FNS)
+
+
+def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The exact activation called ``name`` (one of :data:`ACTIVATIONS`)."""
+    try:
+        return _FNS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}") from None
+
+
+def exact_forward(name: str, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``h(x)`` computed in at least float32, rounded once to ``out_dtype``."""
+    fn = activation_fn(name)
+    compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    return fn(compute).to(out_dtype or x.dtype)
+
+
+def exact_derivative(name: str, x: torch.Tensor) -> torch.Tensor:
+    """``h'(x)`` by autograd on the exact function, in ``x``'s dtype."""
+    fn = activation_fn(name)
+    with torch.enable_grad():
+        xd = x.detach().requires_grad_(True)
+        (d,) = torch.autograd.grad(fn(xd).sum(), xd)
+    return d

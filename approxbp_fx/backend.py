@@ -1,0 +1,87 @@
+"""The ``approxbp`` torch.compile backend: inductor plus our joint-graph rewrites.
+
+``torch.compile(model, backend="approxbp")`` finds this module through the
+``torch_dynamo_backends`` entry point, so user scripts import nothing.
+The backend is inductor with one change: its partitioner is
+:class:`~approxbp_fx.partition.ApproxBPPartitioner`, which rewrites the joint
+forward+backward graph where that shrinks what forward saves, then partitions
+as inductor would. Forward outputs are inductor's, up to rounding.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .config import ApproxBPConfig
+from .partition import ApproxBPPartitioner, GraphReport
+
+__all__ = ["backend", "approxbp"]
+
+
+def backend(
+    config: ApproxBPConfig | None = None,
+    *,
+    mode: str | None = None,
+    on_report: Callable[[GraphReport], None] | None = None,
+    compiler: str = "inductor",
+) -> Callable[..., Any]:
+    """A torch.compile backend with ``config``.
+
+    Args:
+        config: what to rewrite; ``ApproxBPConfig()`` when None.
+        mode: an inductor mode ("max-autotune", ...), as ``torch.compile(mode=...)``.
+        on_report: receives a :class:`~approxbp_fx.partition.GraphReport` per
+            compiled joint graph (what was rewritten and the saved bytes).
+        compiler: "inductor" (the product), or "aot_eager" to run the
+            rewritten forward/backward graphs op by op, for debugging the
+            pass without inductor's code generation.
+
+    Example::
+
+        model = torch.compile(model, backend=approxbp_fx.backend(ApproxBPConfig(bits=3)))
+    """
+    cfg = config if config is not None else ApproxBPConfig()
+    if not isinstance(cfg, ApproxBPConfig):
+        raise TypeError(f"backend(config=...) expects an ApproxBPConfig, got {type(cfg).__name__}")
+    if compiler not in ("inductor", "aot_eager"):
+        raise ValueError(f"compiler must be 'inductor' or 'aot_eager', got {compiler!r}")
+    if compiler == "aot_eager":
+        if mode not in (None, "default"):
+            raise ValueError("mode= only applies to compiler='inductor'")
+        return _aot_eager(cfg, on_report)
+    patches: dict[str, Any] = {}
+    if mode not in (None, "default"):
+        patches.update(torch._inductor.list_mode_options(mode))
+
+    def approxbp_backend(gm: torch.fx.GraphModule, example_inputs):
+        from torch._inductor import config as inductor_config
+        from torch._inductor.compile_fx import compile_fx
+
+        # Measure against, and delegate to, whatever partitioner the user set.
+        inner = inductor_config.custom_partitioner_fn
+        partitioner = ApproxBPPartitioner(cfg, inner=inner, on_report=on_report)
+        return compile_fx(gm, example_inputs, config_patches={**patches, "custom_partitioner_fn": partitioner})
+
+    approxbp_backend.config = cfg  # type: ignore[attr-defined]
+    return approxbp_backend
+
+
+def _aot_eager(cfg: ApproxBPConfig, on_report):
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def run_graph(gm, _example_inputs):
+        return make_boxed_func(gm.forward)
+
+    partitioner = ApproxBPPartitioner(cfg, on_report=on_report)
+    return aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner)
+
+
+def approxbp(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):
+    """Entry point for ``torch.compile(model, backend="approxbp", options={...})``.
+
+    ``options`` are :class:`ApproxBPConfig` fields, e.g. ``{"bits": 3}``.
+    """
+    return backend(ApproxBPConfig.from_options(options), mode=mode)(gm, example_inputs)

@@ -1,0 +1,80 @@
+"""The one configuration object of approxbp-fx."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .activations import ACTIVATIONS
+
+__all__ = ["ApproxBPConfig"]
+
+_REWRITABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class ApproxBPConfig:
+    """What the ``approxbp`` backend rewrites, and how.
+
+    Example::
+
+        cfg = ApproxBPConfig(bits=3, activations=frozenset({"gelu"}))
+        model = torch.compile(model, backend=approxbp_fx.backend(cfg))
+    """
+
+    # Bits per derivative code. 2 is the paper's ReGELU2/ReSiLU2 (4 codes per
+    # byte); 1..4 are shipped. Codes are packed 8 // bits to a byte, so 3 bits
+    # cost a nibble of storage.
+    bits: int = 2
+
+    # Approx-BP for GELU/SiLU-family activations (passes/save_act_codes.py).
+    save_act_codes: bool = True
+
+    # Which activations may be approximated; the others stay exact.
+    activations: frozenset[str] = field(default_factory=lambda: frozenset(ACTIVATIONS))
+
+    # Activation inputs of these dtypes may be rewritten. float64 is never
+    # approximated: whoever trains in float64 asked for exactness.
+    dtypes: frozenset[torch.dtype] = field(default_factory=lambda: frozenset(_REWRITABLE_DTYPES))
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 4:
+            raise ValueError(f"ApproxBPConfig.bits must be an int in 1..4, got {self.bits!r}")
+        if not isinstance(self.save_act_codes, bool):
+            raise TypeError(f"ApproxBPConfig.save_act_codes must be a bool, got {self.save_act_codes!r}")
+        # Accept any iterable of names but store a frozenset so the config stays hashable.
+        if isinstance(self.activations, str):
+            raise TypeError("ApproxBPConfig.activations must be a collection of names, not a single string")
+        acts = frozenset(self.activations)
+        unknown = sorted(acts - set(ACTIVATIONS))
+        if unknown:
+            raise ValueError(f"ApproxBPConfig.activations: unknown {unknown}; expected a subset of {ACTIVATIONS}")
+        object.__setattr__(self, "activations", acts)
+        dts = frozenset(self.dtypes)
+        bad = [d for d in dts if d not in _REWRITABLE_DTYPES]
+        if bad:
+            raise ValueError(
+                f"ApproxBPConfig.dtypes: {bad} cannot be approximated; expected a subset of {list(_REWRITABLE_DTYPES)}"
+            )
+        object.__setattr__(self, "dtypes", dts)
+
+    @classmethod
+    def from_options(cls, options: dict | None) -> "ApproxBPConfig":
+        """Build from ``torch.compile(..., options={...})``; unknown keys are an error."""
+        options = dict(options or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise ValueError(f"unknown approxbp option(s) {unknown}; valid options are {sorted(names)}")
+        return cls(**options)
+
+    def key(self) -> tuple:
+        """A stable, order-independent description for compile-cache keys."""
+        return (
+            self.bits,
+            self.save_act_codes,
+            tuple(sorted(self.activations)),
+            tuple(sorted(str(d) for d in self.dtypes)),
+        )

@@ -1,0 +1,240 @@
+"""Recognise pointwise subgraphs by what they compute, not how they are spelled.
+
+By the time a joint graph reaches us, ``F.gelu`` is ``mul/erf/add``, the
+GPT-2 formula is ``pow/mul/tanh``, autocast has sprinkled dtype casts, and the
+backward is whatever autograd's chain rule produced for the user's formula.
+Matching each spelling is a losing game, so the rules use two facts instead:
+
+* the *unary closure* of a node ``x``: every pointwise node whose tensor
+  inputs are all ``x`` or already in the closure, i.e. every node that is a
+  function of ``x`` alone;
+* *probing*: such a subgraph is evaluated in float64 at fixed points, with
+  dtype casts as the identity, and compared with a known function. Two
+  analytic functions that agree at 161 points of [-8, 8] to 1e-9 are, for our
+  purposes, the same function; erf-GELU and tanh-GELU differ by up to 5e-4.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Casts change rounding, not the function: the probe treats them as identity.
+CASTS = frozenset(
+    {
+        prims.convert_element_type.default,
+        aten._to_copy.default,
+        aten.to.dtype,
+        aten.clone.default,
+        aten.alias.default,
+    }
+)
+
+# A closure containing none of these is affine in x and cannot be an activation.
+TRANSCENDENTAL = frozenset(
+    {
+        aten.erf.default,
+        aten.tanh.default,
+        aten.sigmoid.default,
+        aten.exp.default,
+        aten.gelu.default,
+        aten.silu.default,
+        aten.gelu_backward.default,
+        aten.silu_backward.default,
+        aten.sigmoid_backward.default,
+        aten.tanh_backward.default,
+    }
+)
+
+# Fixed probe points: dense where the activations bend, wide enough to see tails.
+PROBE_X = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+_PROBE_G = torch.randn(161, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+PROBE_G = _PROBE_G + torch.sign(_PROBE_G)  # bounded away from 0 so g*f(x) pins f
+PROBE_RTOL = 1e-9
+PROBE_ATOL = 1e-9
+
+# Closures grow through pointwise users only; this bound keeps a pathological
+# graph from costing quadratic time. Activation closures are ~10-40 nodes.
+MAX_CLOSURE = 256
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    if node.op != "call_function":
+        return False
+    target = node.target
+    if target in CASTS:
+        return True
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    tags = target.tags
+    return torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags
+
+
+def tensor_val(node) -> torch.Tensor | None:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def same_shape(a: fx.Node, b: fx.Node) -> bool:
+    va, vb = tensor_val(a), tensor_val(b)
+    if va is None or vb is None or va.dim() != vb.dim():
+        return False
+    return all(statically_known_true(x == y) for x, y in zip(va.shape, vb.shape))
+
+
+def is_view(node: fx.Node) -> bool:
+    """An ATen view of its first argument with the same number of elements."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return False
+    rets = node.target._schema.returns
+    if len(rets) != 1 or rets[0].alias_info is None or rets[0].alias_info.is_write:
+        return False
+    src, out = tensor_val(node.args[0]) if node.args else None, tensor_val(node)
+    return src is not None and out is not None and statically_known_true(src.numel() == out.numel())
+
+
+def view_ancestors(node: fx.Node) -> list[fx.Node]:
+    """``node``'s bases through full-size views: what the partitioner may save instead of it."""
+    out = []
+    while is_view(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        out.append(node)
+    return out
+
+
+def view_descendants(node: fx.Node) -> list[fx.Node]:
+    out, stack = [], [node]
+    while stack:
+        for u in stack.pop().users:
+            if is_view(u) and u.args[0] is not None:
+                out.append(u)
+                stack.append(u)
+    return out
+
+
+def tensor_args(node: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda a: out.append(a) or a)
+    return out
+
+
+def unary_closure(x: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node] | None:
+    """Nodes that are pointwise functions of ``x`` alone, in graph order, ``x`` first.
+
+    Returns None if the closure exceeds :data:`MAX_CLOSURE`.
+    """
+    members = {x}
+    frontier = sorted(x.users, key=order.__getitem__)
+    seen: set[fx.Node] = set()
+    # Graph order is topological, so one sweep in that order sees every
+    # argument before its user; a heap keeps the sweep ordered as it grows.
+    import heapq
+
+    heap = [(order[u], u) for u in frontier]
+    heapq.heapify(heap)
+    while heap:
+        _, n = heapq.heappop(heap)
+        if n in seen:
+            continue
+        seen.add(n)
+        if not is_pointwise(n) or not same_shape(n, x):
+            continue
+        if not all(a in members for a in tensor_args(n)):
+            continue
+        members.add(n)
+        if len(members) > MAX_CLOSURE:
+            return None
+        for u in n.users:
+            if u not in seen:
+                heapq.heappush(heap, (order[u], u))
+    return sorted(members, key=order.__getitem__)
+
+
+def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, torch.Tensor]:
+    """Run pointwise ``nodes`` (graph order) in float64 over ``env``; casts are identity.
+
+    Call outside any FakeTensorMode (see ``unset_fake_temporarily``): probes are real tensors.
+    """
+    env = dict(env)
+    for n in nodes:
+        if n in env:
+            continue
+        if n.target in CASTS:
+            env[n] = env[n.args[0]]
+            continue
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), env.__getitem__)
+        kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+        out = n.target(*args, **kwargs)
+        env[n] = out.to(torch.float64) if out.is_floating_point() else out
+    return env
+
+
+def matches(value: torch.Tensor, expected: torch.Tensor) -> bool:
+    if value.shape != expected.shape or not value.is_floating_point():
+        return False
+    return bool(torch.allclose(value, expected, rtol=PROBE_RTOL, atol=PROBE_ATOL))
+
+
+def has_transcendental(nodes: Iterable[fx.Node]) -> bool:
+    return any(n.target in TRANSCENDENTAL for n in nodes)
+
+
+def linear_region(
+    closure: set[fx.Node], order: dict[fx.Node, int], x: fx.Node
+) -> dict[fx.Node, fx.Node]:
+    """Pointwise nodes outside ``closure`` that read it and exactly one other tensor ``g``.
+
+    Returns ``{node: g}``: each node is a function of (x, g) alone, e.g. the
+    chain-rule product ``g * h'(x)`` and its partial sums.
+    """
+    import heapq
+
+    region: dict[fx.Node, fx.Node] = {}
+    heap = [(order[u], u) for c in closure for u in c.users if u not in closure]
+    heapq.heapify(heap)
+    seen: set[fx.Node] = set()
+    while heap:
+        _, n = heapq.heappop(heap)
+        if n in seen:
+            continue
+        seen.add(n)
+        if not is_pointwise(n) or not same_shape(n, x):
+            continue
+        leaves: set[fx.Node] = set()
+        for a in tensor_args(n):
+            if a in closure:
+                continue
+            leaves.add(region[a] if a in region else a)
+        if len(leaves) != 1:
+            continue
+        (g,) = leaves
+        if not same_shape(g, x):
+            continue
+        region[n] = g
+        if len(region) > MAX_CLOSURE:
+            break
+        for u in n.users:
+            if u not in seen:
+                heapq.heappush(heap, (order[u], u))
+    return region
+
+
+def probe_region(
+    region_nodes: list[fx.Node],
+    closure: list[fx.Node],
+    x: fx.Node,
+    g: fx.Node,
+    expected: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> list[fx.Node]:
+    """The nodes of ``region_nodes`` (all reading the same ``g``) equal to ``expected(x, g)``."""
+    env = evaluate(closure, {x: PROBE_X})
+    env[g] = PROBE_G
+    env = evaluate(region_nodes, env)
+    want = expected(PROBE_X, PROBE_G)
+    return [n for n in region_nodes if matches(env[n], want)]

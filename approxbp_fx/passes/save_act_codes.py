@@ -1,0 +1,255 @@
+"""Approx-BP: an activation saves a k-bit derivative code instead of its input.
+
+Before (joint graph, any spelling of h: erf/tanh GELU, GPT-2's formula,
+QuickGELU, SiLU; casts and autocast included)::
+
+    x ──h(x) as pointwise ops──▶ y ──▶ consumers
+    g, x ──pointwise ops──▶ dx            # dx == g * h'(x); backward reads x
+
+After::
+
+    x ──approxbp.act_pack──▶ (y, codes) ──y──▶ consumers
+    g, codes ──approxbp.code_grad──▶ dx   # dx = g * level[code(x)]
+
+``x`` leaves the saved set; ``codes`` (numel * bits / 8 bytes) takes its place.
+``y`` is saved only if a backward node other than ``dx`` reads it (a trainable
+next linear's weight gradient); the custom op is not recomputable, so the
+partitioner then saves ``y`` rather than re-deriving it from ``x``. That is why
+the rule does not pay in SwiGLU, where inductor recomputes ``silu(g)`` from
+``g`` and saves only ``g``: :mod:`approxbp_fx.partition` measures each site with
+the real partitioner and keeps the unprofitable ones exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+from ..activations import ACTIVATIONS, activation_fn, exact_derivative
+from ..coefficients import table
+from ..config import ApproxBPConfig
+from . import pointwise as pw
+
+__all__ = ["ActSite", "find_sites", "rewrite", "apply_site"]
+
+_act_pack = torch.ops.approxbp.act_pack.default
+_code_grad = torch.ops.approxbp.code_grad.default
+_convert = torch.ops.prims.convert_element_type.default
+
+# Probe values of each exact activation and of g * h'(x), computed once.
+_PROBE_Y = {name: activation_fn(name)(pw.PROBE_X) for name in ACTIVATIONS}
+_PROBE_DX = {name: exact_derivative(name, pw.PROBE_X) for name in ACTIVATIONS}
+
+
+@dataclass(frozen=True)
+class ActSite:
+    """One activation found in a joint graph (node names; stable across copies)."""
+
+    activation: str
+    x: str  # the input; what inductor would save
+    ys: tuple[str, ...]  # nodes equal to h(x)
+    dx: str | None  # the node equal to g * h'(x); None if no gradient flows
+    grad_region: tuple[str, ...]  # dx and the chain-rule nodes feeding it, which die with it
+    g: str | None  # the incoming gradient
+    closure: tuple[str, ...]  # every node that is a function of x alone (x included)
+    # Full-size views of x (its bases) and of the closure: the partitioner saves
+    # whichever alias is cheapest to reach, so accounting must see them all.
+    x_aliases: tuple[str, ...]
+    aliases: tuple[str, ...]
+    shape: tuple
+    dtype: torch.dtype
+    skip: str | None = None  # why this site cannot be rewritten, if it cannot
+
+    @property
+    def tensors(self) -> set[str]:
+        """Every name under which the site's tensors can appear in a saved set."""
+        return {*self.closure, *self.x_aliases, *self.aliases}
+
+    def with_skip(self, why: str) -> "ActSite":
+        return dataclasses.replace(self, skip=why)
+
+
+def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[ActSite]:
+    """Every activation of :data:`ACTIVATIONS` in ``gm``, with its backward if any."""
+    # Partitioners run under the graph's FakeTensorMode; probing computes on real tensors.
+    with unset_fake_temporarily():
+        return _find_sites(gm, cfg)
+
+
+def _find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[ActSite]:
+    graph = gm.graph
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    sites: list[ActSite] = []
+    for x in graph.nodes:
+        xv = pw.tensor_val(x)
+        if xv is None or not xv.is_floating_point():
+            continue
+        # A cast of a float tensor is in its source's closure: find the site there.
+        if x.target in pw.CASTS and pw.tensor_val(x.args[0]) is not None and x.args[0].meta["val"].is_floating_point():
+            continue
+        closure = pw.unary_closure(x, order)
+        if closure is None or len(closure) < 2 or not pw.has_transcendental(closure):
+            continue
+        site = _classify(x, closure, order, cfg)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
+def _classify(x: fx.Node, closure: list[fx.Node], order, cfg: ApproxBPConfig) -> ActSite | None:
+    env = pw.evaluate(closure, {x: pw.PROBE_X})
+    found = None
+    for name in ACTIVATIONS:
+        hits = {n for n in closure[1:] if pw.matches(env[n], _PROBE_Y[name])}
+        # Keep the outermost: a bf16 cast of the fp32 result also equals h(x),
+        # and the fp32 node it casts dies with it. A residual h + gelu(h) is
+        # in the closure too, so "outermost" means read by a non-match.
+        ys = [n for n in closure if n in hits and any(u not in hits for u in n.users)]
+        if ys:
+            found = name, ys
+            break
+    if found is None:
+        return None
+    name, ys = found
+    xv = x.meta["val"]
+    site = ActSite(
+        activation=name,
+        x=x.name,
+        ys=tuple(y.name for y in ys),
+        dx=None,
+        grad_region=(),
+        g=None,
+        closure=tuple(n.name for n in closure),
+        x_aliases=tuple(n.name for n in [x, *pw.view_ancestors(x)]),
+        aliases=tuple(sorted({v.name for n in closure for v in [*pw.view_ancestors(n), *pw.view_descendants(n)]})),
+        shape=tuple(xv.shape),
+        dtype=xv.dtype,
+    )
+    if any(n.meta.get("recompute") is not None for n in closure):
+        # Activation checkpointing already drops x; a non-recomputable custom op would re-save it.
+        return site.with_skip("inside an activation-checkpoint region")
+
+    dx, g, region, why = _find_gradient(x, closure, order, name)
+    if dx is None:
+        return site.with_skip(why)
+    site = dataclasses.replace(site, dx=dx.name, g=g.name, grad_region=tuple(n.name for n in region))
+    if name not in cfg.activations:
+        return site.with_skip(f"{name} is not in ApproxBPConfig.activations")
+    if xv.dtype not in cfg.dtypes:
+        return site.with_skip(f"{xv.dtype} inputs stay exact (ApproxBPConfig.dtypes)")
+    return site
+
+
+def _find_gradient(x, closure, order, name):
+    """``(dx, g, nodes feeding dx, None)`` for the node equal to ``g * h'(x)``, or ``(None, None, (), reason)``."""
+    region = pw.linear_region(set(closure), order, x)
+    if not region:
+        return None, None, (), "no gradient flows through it"
+    by_g: dict[fx.Node, list[fx.Node]] = {}
+    for n in sorted(region, key=order.__getitem__):
+        by_g.setdefault(region[n], []).append(n)
+    hits = []
+    for g, nodes in by_g.items():
+        for n in pw.probe_region(nodes, closure, x, g, lambda xs, gs: gs * _PROBE_DX[name]):
+            hits.append((n, g))
+    # A cast of dx also equals g*h'(x); the outermost one is the gradient autograd hands on.
+    outer = [(n, g) for n, g in hits if not any(u is m for u in n.users for m, _ in hits)]
+    if len(outer) != 1:
+        why = "no node computes g * h'(x)" if not outer else f"{len(outer)} gradient nodes read it"
+        return None, None, (), f"backward not recognised: {why}"
+    dx, g = outer[0]
+    feeding, stack = {dx}, [dx]
+    while stack:
+        for a in pw.tensor_args(stack.pop()):
+            if a in region and a not in feeding:
+                feeding.add(a)
+                stack.append(a)
+    return dx, g, sorted(feeding, key=order.__getitem__), None
+
+
+def _copy_meta(dst: fx.Node, src: fx.Node, val) -> None:
+    # The partitioner reads partitioner_tag (forward/backward); keep the
+    # provenance (stack trace, seq_nr, module stack) for debuggers and profilers.
+    for k, v in src.meta.items():
+        if k not in ("val", "tensor_meta"):
+            dst.meta[k] = v
+    dst.meta["val"] = val
+
+
+def _fake(op, args):
+    vals = fx.node.map_arg(args, lambda n: n.meta["val"])
+    fake_mode = torch._guards.detect_fake_mode(vals)
+    with fake_mode:
+        return op(*vals)
+
+
+def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> None:
+    """Rewrite one site in place (see the module docstring)."""
+    assert site.skip is None and site.dx is not None, site
+    nodes = {n.name: n for n in gm.graph.nodes}
+    x, dx, g = nodes[site.x], nodes[site.dx], nodes[site.g]
+    ys = [nodes[n] for n in site.ys]
+    tab = table(site.activation, cfg.bits)
+    graph = gm.graph
+
+    first_y = ys[0]  # find_sites lists them in graph order
+    out_dtype = first_y.meta["val"].dtype
+    pack_args = (x, site.activation, list(tab.thresholds), cfg.bits, out_dtype)
+    with graph.inserting_before(first_y):
+        pack = graph.call_function(_act_pack, pack_args)
+        y_val, codes_val = _fake(_act_pack, pack_args)
+        _copy_meta(pack, first_y, (y_val, codes_val))
+        y_new = graph.call_function(operator.getitem, (pack, 0))
+        _copy_meta(y_new, first_y, y_val)
+        codes = graph.call_function(operator.getitem, (pack, 1))
+        _copy_meta(codes, first_y, codes_val)
+    for y in ys:
+        dtype = y.meta["val"].dtype
+        if dtype == out_dtype:
+            y.replace_all_uses_with(y_new)
+            continue
+        with graph.inserting_after(y_new):
+            cast = graph.call_function(_convert, (y_new, dtype))
+            _copy_meta(cast, y, _fake(_convert, (y_new, dtype)))
+        y.replace_all_uses_with(cast)
+
+    grad_args = (g, codes, list(tab.levels), cfg.bits, dx.meta["val"].dtype)
+    with graph.inserting_before(dx):
+        dx_new = graph.call_function(_code_grad, grad_args)
+        _copy_meta(dx_new, dx, _fake(_code_grad, grad_args))
+    dx.replace_all_uses_with(dx_new)
+    _erase_dead(graph, [*(nodes[n] for n in site.grad_region), *ys, *(nodes[n] for n in site.closure[1:])])
+
+
+def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
+    """Erase ``roots`` and their pointwise producers once nothing reads them."""
+    stack, erased = list(roots), set()
+    while stack:
+        n = stack.pop()
+        if n in erased or n.users or n.op != "call_function" or not pw.is_pointwise(n):
+            continue
+        args = pw.tensor_args(n)
+        graph.erase_node(n)
+        erased.add(n)
+        stack.extend(args)
+
+
+def rewrite(gm: fx.GraphModule, cfg: ApproxBPConfig, only: set[str] | None = None) -> int:
+    """Rewrite every rewritable site (or those whose ``x`` is in ``only``); returns the count."""
+    if not cfg.save_act_codes:
+        return 0
+    done = 0
+    for site in find_sites(gm, cfg):
+        if site.skip is None and (only is None or site.x in only):
+            apply_site(gm, site, cfg)
+            done += 1
+    if done:
+        gm.graph.lint()
+        gm.recompile()
+    return done
+

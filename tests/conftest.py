@@ -1,0 +1,87 @@
+"""Shared fixtures and the one helper every end-to-end test climbs through."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import approxbp_fx
+from approxbp_fx import ApproxBPConfig, saved_activation_bytes
+
+# Every spelling of an activation that real model code uses, keyed by the
+# activation the pass should recognise.
+ACT_FORMS = {
+    "nn.GELU": ("gelu", nn.GELU()),
+    "F.gelu(tanh)": ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh")),
+    # Hugging Face GPT-2's NewGELUActivation, verbatim maths.
+    "NewGELU": (
+        "gelu_tanh",
+        lambda x: 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0)))),
+    ),
+    # Hugging Face's FastGELUActivation.
+    "FastGELU": ("gelu_tanh", lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))),
+    "QuickGELU": ("quick_gelu", lambda x: x * torch.sigmoid(1.702 * x)),
+    "nn.SiLU": ("silu", nn.SiLU()),
+    "x*sigmoid(x)": ("silu", lambda x: x * torch.sigmoid(x)),
+}
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+class MLP(nn.Module):
+    """linear -> activation -> [dropout] -> linear, the block every test uses."""
+
+    def __init__(self, act, d=64, hidden=200, frozen_second=False, dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(d, hidden)
+        self.act = act
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, d)
+        self.fc2.requires_grad_(not frozen_second)
+
+    def forward(self, x):
+        return self.fc2(self.drop(self.act(self.fc1(x))))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    # Tests compile many models of one class: keep dynamo's per-code caches
+    # from hitting the recompile limit and leaking state between tests.
+    torch._dynamo.reset()
+    approxbp_fx.partition.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def compiled(model, tier: str, cfg: ApproxBPConfig | None = None, reports: list | None = None):
+    """``model`` at one rung of the climb: eager -> aot_eager -> inductor -> approxbp."""
+    on_report = reports.append if reports is not None else None
+    if tier == "eager":
+        return model
+    if tier == "inductor":
+        return torch.compile(model, backend="inductor")
+    if tier == "aot_eager":
+        return torch.compile(model, backend=approxbp_fx.backend(cfg, compiler="aot_eager", on_report=on_report))
+    if tier == "approxbp":
+        return torch.compile(model, backend=approxbp_fx.backend(cfg, on_report=on_report))
+    raise ValueError(tier)
+
+
+def saved_bytes(model, tier, *args, cfg=None, reports=None, autocast=None):
+    fn = compiled(model, tier, cfg, reports)
+    if autocast is None:
+        return saved_activation_bytes(fn, *args, params=model)
+    with torch.autocast("cpu", dtype=autocast):
+        return saved_activation_bytes(fn, *args, params=model)
+
+
+def rewrites() -> int:
+    return approxbp_fx.partition.counters["approxbp"]["save_act_codes"]
+
+
+def kept_exact() -> int:
+    return approxbp_fx.partition.counters["approxbp"]["save_act_codes_kept_exact"]

@@ -1,0 +1,141 @@
+"""The save_act_codes rule on small graphs: what it matches, and what it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from approxbp_fx import ApproxBPConfig
+from tests.conftest import ACT_FORMS, DTYPES, MLP, compiled, kept_exact, rewrites, saved_bytes
+
+X_SHAPE = (3, 37, 64)  # 3*37 tokens: matches no weight shape, numel not a multiple of 4
+
+
+def _x(dtype=torch.float32):
+    return torch.randn(*X_SHAPE, dtype=dtype)
+
+
+@pytest.mark.parametrize("form", list(ACT_FORMS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_spelling_is_found_and_rewritten(form, dtype):
+    expected, act = ACT_FORMS[form]
+    reports = []
+    model = MLP(act, frozen_second=True).to(dtype)
+    saved_bytes(model, "approxbp", _x(dtype), reports=reports)
+    (report,) = reports
+    assert [d.site.activation for d in report.sites] == [expected]
+    assert rewrites() == 1 and kept_exact() == 0
+
+
+@pytest.mark.parametrize("form", ["nn.GELU", "NewGELU", "nn.SiLU"])
+def test_found_under_autocast_with_dropout(form):
+    expected, act = ACT_FORMS[form]
+    reports = []
+    model = MLP(act, dropout=0.1)
+    saved_bytes(model, "approxbp", _x(), reports=reports, autocast=torch.bfloat16)
+    (report,) = reports
+    assert [(d.site.activation, d.rewritten) for d in report.sites] == [(expected, True)]
+    assert rewrites() == 1
+
+
+@pytest.mark.parametrize("tier", ["aot_eager", "approxbp"])
+def test_both_tiers_match_the_same_sites(tier):
+    # aot_eager sees aten.gelu/gelu_backward undecomposed; inductor sees erf/exp/mul.
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 32), nn.SiLU(), nn.Linear(32, 8))
+    saved_bytes(model, tier, _x())
+    assert rewrites() == 2
+
+
+def test_two_layer_model_counts_each_site():
+    model = nn.Sequential(MLP(nn.GELU()), MLP(nn.GELU()), MLP(nn.SiLU()))
+    saved_bytes(model, "approxbp", _x())
+    assert rewrites() == 3 and kept_exact() == 0
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d=64, hidden=200):
+        super().__init__()
+        self.gate = nn.Linear(d, hidden, bias=False)
+        self.up = nn.Linear(d, hidden, bias=False)
+        self.down = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_swiglu_stays_exact_and_says_why(dtype):
+    # silu(g) feeds the product's backward; inductor recomputes it from g and
+    # saves only g, so codes could only add bytes (FACTS.md).
+    reports = []
+    model = SwiGLU().to(dtype)
+    ours = saved_bytes(model, "approxbp", _x(dtype), reports=reports)
+    theirs = saved_bytes(model, "inductor", _x(dtype))
+    (report,) = reports
+    (decision,) = report.sites
+    assert decision.site.activation == "silu" and not decision.rewritten
+    assert "recomputes" in decision.reason
+    assert ours == theirs
+    assert rewrites() == 0 and kept_exact() == 1
+
+
+def test_float64_stays_exact():
+    reports = []
+    saved_bytes(MLP(nn.GELU()).double(), "approxbp", _x(torch.float64), reports=reports)
+    (decision,) = reports[0].sites
+    assert not decision.rewritten and "float64" in decision.reason
+
+
+def test_config_can_switch_an_activation_off():
+    cfg = ApproxBPConfig(activations={"silu"})
+    reports = []
+    model = nn.Sequential(MLP(nn.GELU()), MLP(nn.SiLU()))
+    saved_bytes(model, "approxbp", _x(), cfg=cfg, reports=reports)
+    got = {d.site.activation: (d.rewritten, d.reason) for d in reports[0].sites}
+    assert got["silu"][0] and not got["gelu"][0]
+    assert "ApproxBPConfig.activations" in got["gelu"][1]
+
+
+def test_rule_switched_off_rewrites_nothing():
+    model = MLP(nn.GELU())
+    ours = saved_bytes(model, "approxbp", _x(), cfg=ApproxBPConfig(save_act_codes=False))
+    assert ours == saved_bytes(model, "inductor", _x())
+    assert rewrites() == 0
+
+
+def test_no_gradient_no_rewrite():
+    # Nothing upstream needs a gradient: no backward reads the activation.
+    model = MLP(nn.GELU())
+    model.fc1.requires_grad_(False)
+    x = _x()
+    reports = []
+    saved_bytes(model, "approxbp", x, reports=reports)
+    assert rewrites() == 0
+
+
+def test_residual_keeps_its_exact_branch():
+    # x feeds both gelu and the residual add: only the gelu branch's gradient is approximated.
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+            self.out = nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return self.out(h + F.gelu(h))
+
+    model = Residual()
+    x = _x().requires_grad_(True)
+    out = compiled(model, "approxbp")(x)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    from approxbp_fx import table
+    from approxbp_fx.reference import step_derivative
+
+    h = model.fc(x.detach())
+    gh = g @ model.out.weight
+    want = (gh + gh * step_derivative(h, table("gelu", 2))) @ model.fc.weight
+    torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
