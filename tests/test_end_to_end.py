@@ -107,13 +107,13 @@ class _Site(nn.Module):
         return self.act(h)
 
 
-def _oracle(x, w, r, activation, bits, transpose):
-    """Gradients of (approx_activation(x @ w) * r).sum() in plain eager autograd."""
+def _oracle(x, w, r, activation, bits, transpose, approx):
+    """Gradients of (act(x @ w) * r).sum() in plain eager autograd: step or exact derivative."""
     x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
     h = x @ w
     if transpose:
         h = h.transpose(0, -1)
-    y = approx_activation(h, activation, bits)
+    y = approx_activation(h, activation, bits) if approx else activation_fn(activation)(h)
     return y, torch.autograd.grad((y * r).sum(), (x, w))
 
 
@@ -123,7 +123,8 @@ def _oracle(x, w, r, activation, bits, transpose):
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time; widen with --hypothesis-seed locally.
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     lead=st.lists(st.integers(0, 5), min_size=1, max_size=2),
     k=st.integers(1, 9),
@@ -143,15 +144,20 @@ def test_compiled_gradients_equal_the_reference(lead, k, n, dtype, bits, activat
     if transpose:
         shape[0], shape[-1] = shape[-1], shape[0]
     r = torch.randn(shape, generator=gen).to(dtype)
-    y_ref, (gx_ref, gw_ref) = _oracle(x, w, r, activation, bits, transpose)
 
-    model = _Site(activation_fn(activation), transpose)
-    fn = compiled(model, "approxbp", ApproxBPConfig(bits=bits))
+    reports = []
+    fn = compiled(_Site(activation_fn(activation), transpose), "approxbp", ApproxBPConfig(bits=bits), reports)
     xc, wc = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
     y = fn(xc, wc)
-    gx, gw = torch.autograd.grad((y * r).sum(), (xc, wc), allow_unused=True)
+    gx, gw = torch.autograd.grad((y * r).sum(), (xc, wc))
+    (decision,) = [d for rep in reports for d in rep.sites]
+    # Where inductor saves (almost) nothing there is nothing to win and the
+    # site stays exact; from a few dozen elements on, codes always pay.
+    if y.numel() >= 64:
+        assert decision.rewritten, decision.reason
+    y_ref, (gx_ref, gw_ref) = _oracle(x, w, r, activation, bits, transpose, approx=decision.rewritten)
     rtol, atol = TOL[dtype]
-    torch.testing.assert_close(y, y_ref, rtol=rtol, atol=atol)
+    torch.testing.assert_close(y, y_ref.to(y.dtype), rtol=rtol, atol=atol)
     torch.testing.assert_close(gx, gx_ref, rtol=rtol, atol=atol)
     torch.testing.assert_close(gw, gw_ref, rtol=rtol, atol=atol)
 

@@ -1,0 +1,344 @@
+"""Activation forward + k-bit derivative codes, and the code-driven backward.
+
+Two custom ops carry Approx-BP through inductor:
+
+``approxbp::act_pack(x, activation, thresholds, bits, out_dtype) -> (y, codes)``
+    ``y = h(x)`` exactly (float32 math, one rounding to ``out_dtype``), and
+    ``codes``: a 1-D uint8 tensor of ``ceil(numel / (8 // bits))`` bytes where
+    element ``i`` of ``x`` (row-major logical order, any strides) holds
+    ``#{j : x_i > thresholds[j]}`` at bit ``(i % per) * bits`` of byte ``i // per``.
+
+``approxbp::code_grad(grad, codes, levels, bits, out_dtype) -> dx``
+    ``dx_i = grad_i * levels[code_i]``, the derivative of the piecewise-linear
+    ``h~`` times the incoming gradient; it reads 1/4 byte per element at
+    ``bits=2`` instead of the 2 or 4 bytes of ``x``.
+
+Both outputs are contiguous; the fake (meta) implementations promise exactly
+that, which inductor relies on when it plans buffers around the fallback call.
+
+On CPU the ops run :mod:`approxbp_fx.reference`'s torch code; on CUDA they run
+the Triton kernels below. The file reads top to bottom: kernels, launchers,
+registration.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..activations import exact_forward
+from ..reference import pack_codes, packed_numel, unpack_levels
+
+try:  # The CPU path must work without Triton.
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised on Triton-less installs
+    HAS_TRITON = False
+
+__all__ = ["act_pack", "code_grad", "HAS_TRITON"]
+
+
+# ---------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------
+
+# Activation ids, the ``ACT`` constexpr of the forward kernel.
+_ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _activation(x, ACT: tl.constexpr):
+        """``h(x)`` in float32 for an fp32 tile ``x``.
+
+        Only core ops (erf, exp, arithmetic): libdevice-only functions such as
+        tanh do not run under ``TRITON_INTERPRET=1``.
+        """
+        if ACT == 0:  # gelu (erf): 0.5 * x * (1 + erf(x / sqrt(2)))
+            y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        elif ACT == 1:  # gelu_tanh
+            # 0.5 * x * (1 + tanh(z)) == x * sigmoid(2z) exactly, and the right
+            # side avoids the cancellation in 1 + tanh(z) for negative z, so no
+            # tanh is needed. z is formed in the same order as activations.py.
+            z = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
+            y = x / (1.0 + tl.exp(-2.0 * z))
+        elif ACT == 2:  # silu: x * sigmoid(x)
+            y = x / (1.0 + tl.exp(-x))
+        else:  # quick_gelu: x * sigmoid(1.702 x), CLIP's constant
+            y = x / (1.0 + tl.exp(-1.702 * x))
+        return y
+
+    @triton.jit
+    def _act_pack_fwd_kernel(
+        x_ptr,  # contiguous input, fp32/fp16/bf16
+        y_ptr,  # contiguous output, same numel, out dtype
+        codes_ptr,  # uint8, n_bytes
+        thr_ptr,  # fp32, N_THR ascending thresholds
+        numel,
+        n_bytes,
+        ACT: tl.constexpr,
+        BITS: tl.constexpr,
+        PER: tl.constexpr,  # 8 // BITS codes per byte: 8, 4, 2 or 2 (a power of two)
+        N_THR: tl.constexpr,  # 2**BITS - 1
+        BLOCK_B: tl.constexpr,  # bytes per program; BLOCK_B * PER elements
+        IDX64: tl.constexpr,  # int64 offsets (when numel is near/above 2**31)
+    ):
+        pid = tl.program_id(0)
+        if IDX64:
+            pid = pid.to(tl.int64)
+        # The program's elements as a [BLOCK_B, PER] row-major tile: row r is
+        # byte pid * BLOCK_B + r, column f its field f (bits f*BITS .. f*BITS+BITS-1).
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        fields = tl.arange(0, PER)
+        elem = rows[:, None] * PER + fields[None, :]
+        mask = elem < numel
+
+        x = tl.load(x_ptr + elem, mask=mask, other=0.0).to(tl.float32)
+        y = _activation(x, ACT)
+        tl.store(y_ptr + elem, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+        # code = #{j : x > t_j}; float32 compares, so NaN counts nothing (code 0).
+        code = tl.zeros([BLOCK_B, PER], dtype=tl.int32)
+        for j in tl.static_range(N_THR):
+            t = tl.load(thr_ptr + j)
+            code += (x > t).to(tl.int32)
+        code = tl.where(mask, code, 0)  # the last byte's unused fields are 0
+        # Fields do not overlap, so summing the shifted codes is their bitwise or.
+        byte = tl.sum(code << (fields[None, :] * BITS), axis=1)
+        tl.store(codes_ptr + rows, byte.to(tl.uint8), mask=rows < n_bytes)
+
+    @triton.jit
+    def _code_grad_kernel(
+        grad_ptr,  # contiguous incoming gradient, any float dtype
+        codes_ptr,  # uint8, n_bytes, contiguous
+        lvl_ptr,  # fp32, 2**BITS levels
+        dx_ptr,  # contiguous output, out dtype
+        numel,
+        n_bytes,
+        BITS: tl.constexpr,
+        PER: tl.constexpr,
+        N_LVL: tl.constexpr,  # 2**BITS
+        BLOCK_B: tl.constexpr,
+        IDX64: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if IDX64:
+            pid = pid.to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        fields = tl.arange(0, PER)
+        elem = rows[:, None] * PER + fields[None, :]
+        mask = elem < numel
+
+        byte = tl.load(codes_ptr + rows, mask=rows < n_bytes, other=0).to(tl.int32)
+        code = (byte[:, None] >> (fields[None, :] * BITS)) & (N_LVL - 1)
+        # levels[code] as a chain of selects over the 2**BITS scalars: no
+        # per-element memory traffic. (A gather from the 64-byte table is the
+        # alternative; untuned, worth measuring at BITS=4.)
+        d = tl.zeros([BLOCK_B, PER], dtype=tl.float32)
+        for j in tl.static_range(N_LVL):
+            d = tl.where(code == j, tl.load(lvl_ptr + j), d)
+
+        g = tl.load(grad_ptr + elem, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + elem, (g * d).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------
+
+import contextlib  # noqa: E402  (kept inside this section on purpose)
+
+# Elements per program. Untuned (no GPU in the session that wrote this): 1024
+# elements is the usual size for a memory-bound elementwise Triton kernel, 8
+# per thread at 4 warps, enough bytes in flight per SM without spilling; each
+# program writes 1024 / per whole code bytes. Measure on H100 before changing.
+_ELEMS_PER_PROGRAM = 1024
+# 4 warps = 128 threads: the Triton default for elementwise kernels. Untuned.
+_NUM_WARPS = 4
+# Offsets are int32 unless the largest offset a launch computes (masked tail
+# included) could pass this; then the kernel is specialised to int64. Module
+# level so the tests can lower it to exercise the int64 path on small inputs.
+_INT32_INDEX_LIMIT = 2**31 - 1
+# Float dtypes the kernels read and write; anything else goes to the torch code.
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# (device, values) -> fp32 tensor of thresholds/levels on that device, so a
+# training step makes no host->device copy after its first call. The key space
+# is the handful of (activation, bits) tables in use, so it is never evicted.
+# Under CUDA-graph capture the first call must happen in warm-up, as it does
+# with inductor's cudagraph trees.
+# Keyed on float.hex so that -0.0 and 0.0 stay apart and a NaN still hits.
+_SCALARS: dict[tuple[torch.device, tuple[str, ...]], torch.Tensor] = {}
+
+
+def _device_scalars(values, device: torch.device) -> torch.Tensor:
+    key = (device, tuple(float(v).hex() for v in values))
+    t = _SCALARS.get(key)
+    if t is None:
+        t = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
+        _SCALARS[key] = t
+    return t
+
+
+def _launch_geometry(numel: int, bits: int) -> tuple[int, int, int, int, bool]:
+    per = 8 // bits
+    n_bytes = (numel + per - 1) // per
+    block_b = _ELEMS_PER_PROGRAM // per  # a power of two: tl.arange needs one
+    grid = (n_bytes + block_b - 1) // block_b
+    idx64 = grid * block_b * per > _INT32_INDEX_LIMIT
+    return per, n_bytes, block_b, grid, idx64
+
+
+def _on_device(t: torch.Tensor):
+    # Triton launches on the current CUDA device; the dispatcher does not switch
+    # to the argument's device for a custom op, so do it when they differ.
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def act_pack_forward(
+    x: torch.Tensor, activation: str, thresholds, bits: int, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``approxbp::act_pack``: ``(h(x) as out_dtype, packed codes)``, both contiguous.
+
+    Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    _check_args(bits, n_thresholds=len(thresholds))
+    act = _ACT_IDS.get(activation)
+    if act is None:
+        raise ValueError(f"approxbp: unknown activation {activation!r}; expected one of {tuple(_ACT_IDS)}")
+    if x.dtype not in _KERNEL_DTYPES or out_dtype not in _KERNEL_DTYPES:
+        # float64 (never rewritten by the backend) and exotic dtypes: the torch
+        # code is exact and runs on any device.
+        return exact_forward(activation, x, out_dtype).contiguous(), pack_codes(x, thresholds, bits)
+    x = x.contiguous()  # the contract is row-major logical order
+    numel = x.numel()
+    per, n_bytes, block_b, grid, idx64 = _launch_geometry(numel, bits)
+    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    codes = torch.empty((n_bytes,), dtype=torch.uint8, device=x.device)
+    if numel == 0:
+        return y, codes
+    with _on_device(x):
+        _act_pack_fwd_kernel[(grid,)](
+            x,
+            y,
+            codes,
+            _device_scalars(thresholds, x.device),
+            numel,
+            n_bytes,
+            ACT=act,
+            BITS=bits,
+            PER=per,
+            N_THR=len(thresholds),
+            BLOCK_B=block_b,
+            IDX64=idx64,
+            num_warps=_NUM_WARPS,
+        )
+    return y, codes
+
+
+def code_grad_forward(
+    grad: torch.Tensor, codes: torch.Tensor, levels, bits: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """Triton ``approxbp::code_grad``: ``grad * levels[code]`` as ``out_dtype``, contiguous."""
+    _check_args(bits, n_levels=len(levels))
+    _check_codes(grad, codes, bits)
+    if grad.dtype not in _KERNEL_DTYPES + (torch.float64,) or out_dtype not in _KERNEL_DTYPES + (torch.float64,):
+        d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
+        return (grad.float() * d).to(out_dtype).contiguous()
+    # float64 is fine here: the maths is float32 either way (grad.float() * level).
+    grad = grad.contiguous()
+    codes = codes.contiguous()
+    numel = grad.numel()
+    per, n_bytes, block_b, grid, idx64 = _launch_geometry(numel, bits)
+    dx = torch.empty(grad.shape, dtype=out_dtype, device=grad.device)
+    if numel == 0:
+        return dx
+    with _on_device(grad):
+        _code_grad_kernel[(grid,)](
+            grad,
+            codes,
+            _device_scalars(levels, grad.device),
+            dx,
+            numel,
+            n_bytes,
+            BITS=bits,
+            PER=per,
+            N_LVL=len(levels),
+            BLOCK_B=block_b,
+            IDX64=idx64,
+            num_warps=_NUM_WARPS,
+        )
+    return dx
+
+
+# ---------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------
+
+
+def _check_args(bits: int, n_thresholds: int | None = None, n_levels: int | None = None) -> None:
+    torch._check(1 <= bits <= 4, lambda: f"approxbp: bits must be in 1..4, got {bits}")
+    if n_thresholds is not None:
+        torch._check(
+            n_thresholds == 2**bits - 1,
+            lambda: f"approxbp: {bits}-bit codes need {2**bits - 1} thresholds, got {n_thresholds}",
+        )
+    if n_levels is not None:
+        torch._check(
+            n_levels == 2**bits, lambda: f"approxbp: {bits}-bit codes need {2**bits} levels, got {n_levels}"
+        )
+
+
+@torch.library.custom_op("approxbp::act_pack", mutates_args=())
+def act_pack(
+    x: torch.Tensor, activation: str, thresholds: list[float], bits: int, out_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_args(bits, n_thresholds=len(thresholds))
+    y = exact_forward(activation, x, out_dtype).contiguous()
+    return y, pack_codes(x, thresholds, bits)
+
+
+@act_pack.register_fake
+def _(x, activation, thresholds, bits, out_dtype):
+    _check_args(bits, n_thresholds=len(thresholds))
+    y = x.new_empty(x.shape, dtype=out_dtype)
+    return y, x.new_empty((packed_numel(x.numel(), bits),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("approxbp::code_grad", mutates_args=())
+def code_grad(
+    grad: torch.Tensor, codes: torch.Tensor, levels: list[float], bits: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    _check_args(bits, n_levels=len(levels))
+    _check_codes(grad, codes, bits)
+    d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
+    return (grad.float() * d).to(out_dtype).contiguous()
+
+
+@code_grad.register_fake
+def _(grad, codes, levels, bits, out_dtype):
+    _check_args(bits, n_levels=len(levels))
+    _check_codes(grad, codes, bits)
+    return grad.new_empty(grad.shape, dtype=out_dtype)
+
+
+def _check_codes(grad: torch.Tensor, codes: torch.Tensor, bits: int) -> None:
+    torch._check(codes.dtype == torch.uint8, lambda: f"approxbp: codes must be uint8, got {codes.dtype}")
+    torch._check(
+        codes.numel() == packed_numel(grad.numel(), bits),
+        lambda: f"approxbp: {codes.numel()} code bytes do not cover a gradient of {grad.numel()} elements",
+    )
+
+
+if HAS_TRITON:
+
+    @act_pack.register_kernel("cuda")
+    def _(x, activation, thresholds, bits, out_dtype):
+        return act_pack_forward(x, activation, thresholds, bits, out_dtype)
+
+    @code_grad.register_kernel("cuda")
+    def _(grad, codes, levels, bits, out_dtype):
+        return code_grad_forward(grad, codes, levels, bits, out_dtype)

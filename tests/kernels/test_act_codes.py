@@ -1,0 +1,506 @@
+"""Tests for ``approxbp_fx/kernels/act_codes.py``: the ``approxbp::act_pack`` and
+``approxbp::code_grad`` ops, their torch (CPU) implementations and their Triton
+kernels, against :mod:`approxbp_fx.reference`.
+
+Three groups:
+
+* ``TestTorchOps``: the ops through ``torch.ops.approxbp`` on CPU, hand-checked
+  bytes, and ``torch.library.opcheck`` (fake impl agrees with the real one).
+* ``TestInterpreter``: the Triton launchers on CPU tensors under
+  ``TRITON_INTERPRET=1``. ``triton.jit`` reads that variable when it decorates
+  a function, i.e. when ``act_codes`` is first imported, and by then the test
+  process has long imported it without the variable. So one subprocess (per
+  module) imports the package with the variable set, runs every case, and
+  hands the outputs back through a ``torch.save`` file; the comparisons happen
+  here, one pytest case each.
+* ``TestCUDA``: the compiled kernels on a GPU (skipped without one).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from approxbp_fx.activations import ACTIVATIONS, exact_forward
+from approxbp_fx.coefficients import table
+from approxbp_fx.kernels import act_codes
+from approxbp_fx.reference import pack_codes, packed_numel, unpack_levels
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BITS = (1, 2, 3, 4)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The k=2 GELU table, written out so the hand-checked bytes below do not depend
+# on coefficients.py.
+GELU2_THRESHOLDS = [-3.18588, -0.00118, 3.19083]
+GELU2_LEVELS = [0.0, -0.04922, 1.04874, 1.0]
+
+# (atol, rtol) for y = h(x) against activations.exact_forward. Both sides do
+# float32 maths and round once; they differ by an ulp or two in float32 (erf,
+# exp and division implementations; gelu_tanh goes through x * sigmoid(2z)
+# instead of tanh), which can move a half/bfloat16 rounding by one ulp.
+# bfloat16 allows two ulps: the Triton *interpreter* truncates float32 ->
+# bfloat16 instead of rounding to nearest (the GPU rounds to nearest even).
+Y_TOL = {
+    torch.float32: (1e-6, 1e-6),
+    torch.float16: (1e-3, 1e-3),  # fp16 ulp is 2**-10 relative
+    torch.bfloat16: (1e-2, 1.6e-2),  # bf16 ulp is 2**-7 relative
+    torch.float64: (0.0, 0.0),  # the launcher hands float64 to the torch code
+}
+# dx = grad * level is one float32 multiply and one rounding on both sides:
+# bit-exact, except bfloat16 under the interpreter (truncation, one ulp).
+DX_TOL_INTERPRETER = {
+    torch.float32: (0.0, 0.0),
+    torch.float16: (0.0, 0.0),
+    torch.bfloat16: (0.0, 8e-3),  # one bf16 ulp: 2**-7 relative
+    torch.float64: (0.0, 0.0),
+}
+
+
+# ---------------------------------------------------------------------------
+# Inputs and references
+# ---------------------------------------------------------------------------
+
+
+def _tables(activation: str, bits: int) -> tuple[list[float], list[float]]:
+    tab = table(activation, bits)
+    thresholds, levels = [float(t) for t in tab.thresholds], [float(v) for v in tab.levels]
+    assert len(thresholds) == 2**bits - 1 and len(levels) == 2**bits
+    return thresholds, levels
+
+
+def _make_x(shape, dtype: torch.dtype, thresholds, seed: int, *, nan: bool = True) -> torch.Tensor:
+    """Random values with the edge cases mixed in: each threshold exactly (in
+    ``dtype``) and its neighbours either side, NaN, +-inf, +-0, large values.
+
+    ``nan=False`` leaves out NaN and -inf (whose h is NaN): opcheck compares
+    outputs without ``equal_nan``."""
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    flat = (torch.randn(n, generator=g) * 4).to(dtype)
+    t = torch.tensor(thresholds, dtype=torch.float32).to(dtype)
+    up = torch.nextafter(t, torch.full_like(t, math.inf))
+    down = torch.nextafter(t, torch.full_like(t, -math.inf))
+    specials = [math.inf, 0.0, -0.0, 1e4, -1e4, 30.0, -30.0] + ([math.nan, -math.inf] if nan else [])
+    specials = torch.tensor(specials, dtype=dtype)
+    specials = torch.cat([t, up, down, specials])
+    k = min(n, specials.numel())
+    if k:
+        pos = torch.randperm(n, generator=g)[:k]
+        flat[pos] = specials[torch.randperm(specials.numel(), generator=g)[:k]]
+    return flat.view(shape)
+
+
+def _make_grad(shape, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def _ref_dx(grad, codes, levels, bits, out_dtype) -> torch.Tensor:
+    d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
+    return (grad.float() * d).to(out_dtype)
+
+
+def _assert_y(y: torch.Tensor, x: torch.Tensor, activation: str, out_dtype: torch.dtype) -> None:
+    ref = exact_forward(activation, x, out_dtype)
+    assert y.dtype == out_dtype and y.shape == x.shape and y.is_contiguous()
+    atol, rtol = Y_TOL[out_dtype]
+    torch.testing.assert_close(y, ref, atol=atol, rtol=rtol, equal_nan=True)
+    # The kernel target: within 1e-6 of float32 torch for |x| < 10 (relative
+    # above |y| = 1, where 1e-6 is a few float32 ulps).
+    if out_dtype == torch.float32:
+        small = x.float().abs() < 10
+        if small.any():
+            err = (y[small] - ref[small]).abs() / ref[small].abs().clamp(min=1.0)
+            assert err.max().item() <= 1e-6, f"max error {err.max().item():.3g} for |x| < 10"
+
+
+def _assert_codes(codes: torch.Tensor, x: torch.Tensor, thresholds, bits: int) -> None:
+    assert codes.dtype == torch.uint8 and codes.dim() == 1 and codes.is_contiguous()
+    assert codes.numel() == packed_numel(x.numel(), bits)
+    ref = pack_codes(x, thresholds, bits)
+    assert torch.equal(codes, ref), f"{(codes != ref).sum().item()} of {codes.numel()} code bytes differ"
+
+
+def _assert_dx(dx, grad, codes, levels, bits, out_dtype, tol=(0.0, 0.0)) -> None:
+    ref = _ref_dx(grad, codes, levels, bits, out_dtype)
+    assert dx.dtype == out_dtype and dx.shape == grad.shape and dx.is_contiguous()
+    atol, rtol = tol
+    if atol == 0 and rtol == 0:
+        assert torch.equal(dx, ref), f"{(dx != ref).sum().item()} of {dx.numel()} values differ"
+    else:
+        torch.testing.assert_close(dx, ref, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------------
+# Cases shared by the interpreter and CUDA tests
+# ---------------------------------------------------------------------------
+
+
+def _case(cid, activation, bits, shape, dtype, out_dtype=None, *, transpose=False, grad_dtype=None, force_int64=False):
+    return dict(
+        id=cid,
+        activation=activation,
+        bits=bits,
+        shape=tuple(shape),
+        dtype=dtype,
+        out_dtype=out_dtype or dtype,
+        transpose=transpose,
+        grad_dtype=grad_dtype or dtype,
+        force_int64=force_int64,
+    )
+
+
+def _dt(d: torch.dtype) -> str:
+    return str(d).removeprefix("torch.")
+
+
+def _build_cases() -> list[dict]:
+    cases = []
+    # Every activation x bits x dtype at an odd size that spans several programs.
+    for act in ACTIVATIONS:
+        for bits in BITS:
+            for dt in DTYPES:
+                cases.append(_case(f"{act}-b{bits}-{_dt(dt)}-4097", act, bits, (4097,), dt))
+    # Small / empty / one-program sizes, every bits and dtype, activations in turn.
+    i = 0
+    for n in (0, 1, 7, 1023):
+        for bits in BITS:
+            for dt in DTYPES:
+                act = ACTIVATIONS[i % len(ACTIVATIONS)]
+                i += 1
+                cases.append(_case(f"{act}-b{bits}-{_dt(dt)}-{n}", act, bits, (n,), dt))
+    # 2-D transposed (non-contiguous) inputs, mixed input/output dtypes.
+    for bits in BITS:
+        act = ACTIVATIONS[bits - 1]
+        f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+        cases.append(_case(f"{act}-b{bits}-T-f32to_bf16", act, bits, (65, 33), f32, bf16, transpose=True))
+        cases.append(
+            _case(f"{act}-b{bits}-T-bf16to_f32", act, bits, (33, 31), bf16, f32, transpose=True, grad_dtype=f16)
+        )
+    # 0-d input; float64 (act_pack falls back to torch, code_grad's kernel takes it).
+    cases.append(_case("silu-b2-f16-0d", "silu", 2, (), torch.float16))
+    cases.append(_case("quick_gelu-b3-f64", "quick_gelu", 3, (129,), torch.float64))
+    # int64 offsets, forced on small inputs.
+    for bits in BITS:
+        cases.append(_case(f"gelu-b{bits}-f16-int64", "gelu", bits, (3001,), torch.float16, force_int64=True))
+    return cases
+
+
+CASES = _build_cases()
+
+
+def _no_bf16_subnormals(x: torch.Tensor) -> torch.Tensor:
+    """Moves bfloat16 subnormals to the smallest normal of the same sign.
+
+    The Triton 3.6 interpreter widens subnormal bfloat16 to float32 wrongly
+    (9.2e-41 -> 0.0, 1e-39 -> 4.4e-39), which flips the code of the threshold
+    0.0's bfloat16 neighbours. The GPU widens exactly; the CUDA tests keep them.
+    """
+    if x.dtype != torch.bfloat16:
+        return x
+    tiny = torch.finfo(torch.bfloat16).tiny
+    sub = (x != 0) & (x.abs() < tiny)
+    return torch.where(sub, torch.full_like(x, tiny).copysign(x), x)
+
+
+def _materialise(case: dict, seed: int, *, interpreter: bool = False) -> dict:
+    """The tensors of a case: x (maybe non-contiguous), grad, reference codes."""
+    thresholds, levels = _tables(case["activation"], case["bits"])
+    shape = case["shape"]
+    x = _make_x(shape, case["dtype"], thresholds, seed)
+    if interpreter:
+        x = _no_bf16_subnormals(x)
+    grad = _make_grad(shape, case["grad_dtype"], seed)
+    if case["transpose"]:
+        x, grad = x.t(), grad.t()
+        assert not x.is_contiguous() or x.numel() <= 1
+    codes = pack_codes(x, thresholds, case["bits"])
+    return dict(case, x=x, grad=grad, codes=codes, thresholds=thresholds, levels=levels)
+
+
+def _check_case(m: dict, y, codes, dx, dx_tol) -> None:
+    _assert_codes(codes, m["x"], m["thresholds"], m["bits"])
+    _assert_y(y, m["x"], m["activation"], m["out_dtype"])
+    _assert_dx(dx, m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"], dx_tol)
+
+
+# ---------------------------------------------------------------------------
+# Hand-checked bytes (these pin the layout independently of reference.py)
+# ---------------------------------------------------------------------------
+
+# (bits, thresholds, x, expected bytes)
+HAND_CODES = [
+    # codes [0, 1, 2, 3] at bits 0, 2, 4, 6: 0b11_10_01_00
+    (2, GELU2_THRESHOLDS, [-5.0, -1.0, 1.0, 5.0], [228]),
+    # 1 bit, 9 elements: 1,0,1,1,0,0,0,1 -> 0b10001101, then a lone 1 in a padded byte
+    (1, [0.0], [1.0, -1.0, 1.0, 1.0, -1.0, -1.0, -1.0, 1.0, 1.0], [141, 1]),
+    # 3 bits: 2 codes per byte (a nibble of storage each) at bits 0 and 3, as
+    # (i % per) * bits says; bits 6-7 stay 0. Codes 1, 7 | 4, (pad)
+    (3, [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.5, 6.5, 3.5], [1 | 7 << 3, 4]),
+    # 4 bits: x == threshold is not above it (code 2, not 3); NaN is code 0
+    (4, [float(j) for j in range(15)], [2.0, 14.5, math.nan], [2 | 15 << 4, 0]),
+]
+# Byte 228 is codes [0, 1, 2, 3], so with grad [1, 2, 3, 4] dx is grad * levels
+# in order (float32 products).
+HAND_DX = (torch.tensor([1.0, 2.0, 3.0, 4.0]) * torch.tensor(GELU2_LEVELS, dtype=torch.float32)).tolist()
+
+
+# ---------------------------------------------------------------------------
+# The torch (CPU) implementation, through torch.ops
+# ---------------------------------------------------------------------------
+
+
+class TestTorchOps:
+    @pytest.mark.parametrize("bits,thresholds,x,expected", HAND_CODES)
+    def test_hand_checked_bytes(self, bits, thresholds, x, expected):
+        _, codes = torch.ops.approxbp.act_pack(torch.tensor(x), "gelu", thresholds, bits, torch.float32)
+        assert codes.tolist() == expected
+
+    def test_hand_checked_dx(self):
+        grad = torch.tensor([1.0, 2.0, 3.0, 4.0])
+        dx = torch.ops.approxbp.code_grad(grad, torch.tensor([228], dtype=torch.uint8), GELU2_LEVELS, 2, torch.float32)
+        assert dx.tolist() == HAND_DX
+
+    @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+    def test_against_reference(self, case):
+        m = _materialise(case, seed=0)
+        y, codes = torch.ops.approxbp.act_pack(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
+        dx = torch.ops.approxbp.code_grad(m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"])
+        _check_case(m, y, codes, dx, (0.0, 0.0))
+
+    @pytest.mark.parametrize("bits", BITS)
+    @pytest.mark.parametrize("shape,transpose", [((7,), False), ((5, 9), True), ((0,), False), ((2, 3, 4), False)])
+    def test_opcheck(self, bits, shape, transpose):
+        thresholds, levels = _tables("gelu", bits)
+        x = _make_x(shape, torch.float32, thresholds, seed=bits, nan=False)
+        grad = _make_grad(shape, torch.bfloat16, seed=bits)
+        if transpose:
+            x, grad = x.t(), grad.t()
+        torch.library.opcheck(torch.ops.approxbp.act_pack.default, (x, "gelu", thresholds, bits, torch.bfloat16))
+        codes = pack_codes(x, thresholds, bits)
+        torch.library.opcheck(torch.ops.approxbp.code_grad.default, (grad, codes, levels, bits, torch.float32))
+
+    def test_bad_arguments(self):
+        x = torch.randn(8)
+        with pytest.raises(RuntimeError, match="thresholds"):
+            torch.ops.approxbp.act_pack(x, "gelu", [0.0, 1.0], 2, torch.float32)
+        with pytest.raises(RuntimeError, match="bits"):
+            torch.ops.approxbp.act_pack(x, "gelu", [0.0] * 31, 5, torch.float32)
+        with pytest.raises(RuntimeError, match="do not cover"):
+            torch.ops.approxbp.code_grad(x, torch.zeros(3, dtype=torch.uint8), GELU2_LEVELS, 2, torch.float32)
+
+    @pytest.mark.skipif(not act_codes.HAS_TRITON, reason="Triton is not installed")
+    def test_cuda_kernels_registered(self):
+        for name in ("approxbp::act_pack", "approxbp::code_grad"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+
+    @pytest.mark.parametrize("bits", BITS)
+    def test_int64_offsets_when_needed(self, bits):
+        # idx64 once the largest offset a launch forms (masked tail included)
+        # passes int32; int32 up to there.
+        per, elems = 8 // bits, act_codes._ELEMS_PER_PROGRAM
+        last_fit = (2**31 - 1) // elems * elems  # numel filling the last int32-safe program
+        assert act_codes._launch_geometry(last_fit, bits)[4] is False
+        assert act_codes._launch_geometry(last_fit + 1, bits)[4] is True
+        assert act_codes._launch_geometry(2**33 + 3, bits)[4] is True
+        per_, n_bytes, block_b, grid, _ = act_codes._launch_geometry(4097, bits)
+        assert (per_, n_bytes) == (per, packed_numel(4097, bits)) and grid * block_b >= n_bytes
+
+    @pytest.mark.skipif(not act_codes.HAS_TRITON, reason="Triton is not installed")
+    def test_device_scalars_cached(self):
+        # The launchers must not copy the tables host -> device on every call.
+        a = act_codes._device_scalars(GELU2_THRESHOLDS, torch.device("cpu"))
+        b = act_codes._device_scalars(list(GELU2_THRESHOLDS), torch.device("cpu"))
+        assert a is b and a.dtype == torch.float32 and a.tolist() == pytest.approx(GELU2_THRESHOLDS)
+        cpu = torch.device("cpu")
+        assert act_codes._device_scalars([0.0], cpu) is not act_codes._device_scalars([-0.0], cpu)
+
+
+# ---------------------------------------------------------------------------
+# The Triton kernels under the interpreter (CPU tensors, subprocess)
+# ---------------------------------------------------------------------------
+
+_INTERPRETER_SCRIPT = textwrap.dedent(
+    r"""
+    import os, sys, time, warnings
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+    from approxbp_fx.kernels import act_codes as ac
+
+    kind = type(ac._act_pack_fwd_kernel).__name__
+    assert kind == "InterpretedFunction", f"kernels were not interpreted: {kind}"
+    # numpy warns when exp(-x) overflows to inf for very negative x; that inf
+    # is intended (x / inf -> -0, as torch gives).
+    warnings.simplefilter("ignore", RuntimeWarning)
+
+    inp = torch.load(sys.argv[1], weights_only=False)
+    out = {"cases": {}, "hand_codes": [], "hand_dx": None}
+    t0 = time.perf_counter()
+    for m in inp["cases"]:
+        # torch.save keeps strides: the transposed inputs arrive non-contiguous.
+        assert m["x"].is_contiguous() != (m["transpose"] and m["x"].numel() > 1), m["id"]
+        ac._INT32_INDEX_LIMIT = 0 if m["force_int64"] else 2**31 - 1
+        y, codes = ac.act_pack_forward(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
+        dx = ac.code_grad_forward(m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"])
+        out["cases"][m["id"]] = (y, codes, dx)
+    ac._INT32_INDEX_LIMIT = 2**31 - 1
+    for bits, thresholds, x, _ in inp["hand_codes"]:
+        out["hand_codes"].append(ac.act_pack_forward(torch.tensor(x), "gelu", thresholds, bits, torch.float32)[1])
+    out["hand_dx"] = ac.code_grad_forward(
+        torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([228], dtype=torch.uint8), inp["levels"], 2, torch.float32
+    )
+    # A strided (non-contiguous) codes tensor.
+    big = torch.stack([inp["strided_codes"], torch.zeros_like(inp["strided_codes"])], 1).reshape(-1)
+    out["strided_dx"] = ac.code_grad_forward(inp["strided_grad"], big[::2], inp["levels"], 2, torch.float16)
+    out["seconds"] = time.perf_counter() - t0
+    torch.save(out, sys.argv[2])
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Run every interpreter case in one ``TRITON_INTERPRET=1`` subprocess."""
+    if not act_codes.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    d = tmp_path_factory.mktemp("act_codes_interp")
+    cases = [_materialise(c, seed=i, interpreter=True) for i, c in enumerate(CASES)]
+    strided_grad = _make_grad((1001,), torch.float32, seed=99)
+    strided_codes = pack_codes(_make_x((1001,), torch.float32, GELU2_THRESHOLDS, 99), GELU2_THRESHOLDS, 2)
+    torch.save(
+        dict(
+            cases=cases, hand_codes=HAND_CODES, levels=GELU2_LEVELS, strided_grad=strided_grad, strided_codes=strided_codes
+        ),
+        d / "in.pt",
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERPRETER_SCRIPT, str(d / "in.pt"), str(d / "out.pt")],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"interpreter subprocess failed ({proc.returncode}):\n{proc.stderr[-6000:]}", pytrace=False)
+    out = torch.load(d / "out.pt", weights_only=False)
+    out["inputs"] = {m["id"]: m for m in cases}
+    out["strided"] = (strided_grad, strided_codes)
+    return out
+
+
+class TestInterpreter:
+    @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+    def test_against_reference(self, interpreted, case):
+        m = interpreted["inputs"][case["id"]]
+        y, codes, dx = interpreted["cases"][case["id"]]
+        _check_case(m, y, codes, dx, DX_TOL_INTERPRETER[m["out_dtype"]])
+
+    def test_hand_checked_bytes(self, interpreted):
+        got = [c.tolist() for c in interpreted["hand_codes"]]
+        assert got == [expected for *_, expected in HAND_CODES]
+
+    def test_hand_checked_dx(self, interpreted):
+        assert interpreted["hand_dx"].tolist() == HAND_DX
+
+    def test_strided_codes(self, interpreted):
+        grad, codes = interpreted["strided"]
+        _assert_dx(interpreted["strided_dx"], grad, codes, GELU2_LEVELS, 2, torch.float16)
+
+
+# ---------------------------------------------------------------------------
+# The compiled kernels on a GPU
+# ---------------------------------------------------------------------------
+
+
+def _cuda(m: dict) -> dict:
+    m = dict(m)
+    for k in ("x", "grad", "codes"):
+        m[k] = m[k].cuda()
+    return m
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(not act_codes.HAS_TRITON, reason="Triton is not installed")
+class TestCUDA:
+    @pytest.fixture(autouse=True)
+    def _compiled(self):
+        kind = type(act_codes._act_pack_fwd_kernel).__name__
+        if kind == "InterpretedFunction":
+            pytest.skip("TRITON_INTERPRET=1 in this process: the CUDA tests need compiled kernels")
+
+    @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+    def test_launchers(self, case, monkeypatch):
+        if case["force_int64"]:
+            monkeypatch.setattr(act_codes, "_INT32_INDEX_LIMIT", 0)
+        m = _cuda(_materialise(case, seed=0))
+        y, codes = act_codes.act_pack_forward(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
+        dx = act_codes.code_grad_forward(m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"])
+        assert y.is_cuda and codes.is_cuda and dx.is_cuda
+        _check_case(m, y, codes, dx, (0.0, 0.0))
+
+    @pytest.mark.parametrize("case", CASES[:: len(DTYPES) + 1], ids=[c["id"] for c in CASES[:: len(DTYPES) + 1]])
+    def test_torch_ops_dispatch_to_kernels(self, case):
+        m = _cuda(_materialise(case, seed=1))
+        y, codes = torch.ops.approxbp.act_pack(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
+        dx = torch.ops.approxbp.code_grad(m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"])
+        _check_case(m, y, codes, dx, (0.0, 0.0))
+
+    @pytest.mark.parametrize("bits", BITS)
+    def test_opcheck(self, bits):
+        thresholds, levels = _tables("silu", bits)
+        x = _make_x((37, 11), torch.float16, thresholds, seed=bits, nan=False).cuda().t()
+        grad = _make_grad((11, 37), torch.float32, seed=bits).cuda()
+        torch.library.opcheck(torch.ops.approxbp.act_pack.default, (x, "silu", thresholds, bits, torch.float32))
+        codes = pack_codes(x, thresholds, bits)
+        torch.library.opcheck(torch.ops.approxbp.code_grad.default, (grad, codes, levels, bits, torch.bfloat16))
+
+    @pytest.mark.parametrize("bits", (2, 3))
+    def test_large(self, bits):
+        n = 2**24 + 3
+        thresholds, levels = _tables("gelu", bits)
+        x = (torch.randn(n, device="cuda") * 4).to(torch.bfloat16)
+        grad = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        y, codes = act_codes.act_pack_forward(x, "gelu", thresholds, bits, torch.bfloat16)
+        _assert_codes(codes, x, thresholds, bits)
+        _assert_y(y, x, "gelu", torch.bfloat16)
+        dx = act_codes.code_grad_forward(grad, codes, levels, bits, torch.bfloat16)
+        _assert_dx(dx, grad, codes, levels, bits, torch.bfloat16)
+
+    @pytest.mark.slow
+    def test_past_int32_offsets(self):
+        # 2**31 + 5 bf16 elements (about 17 GiB in all): the int64 kernels for
+        # real. The reference would need ~30 GiB more, so check the tail only.
+        n = 2**31 + 5
+        thresholds, levels = _tables("gelu", 2)
+        if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
+            pytest.skip("needs ~20 GiB free on the GPU")
+        x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        y, codes = act_codes.act_pack_forward(x, "gelu", thresholds, 2, torch.bfloat16)
+        start = (n // 4 - 4096) * 4  # byte-aligned (4 codes per byte)
+        assert torch.equal(codes[start // 4 :], pack_codes(x[start:], thresholds, 2))
+        _assert_y(y[start:], x[start:], "gelu", torch.bfloat16)
+        _assert_y(y[:4096], x[:4096], "gelu", torch.bfloat16)
+        del y
+        grad = x  # any values will do
+        dx = act_codes.code_grad_forward(grad, codes, levels, 2, torch.bfloat16)
+        _assert_dx(dx[start:], grad[start:], codes[start // 4 :], levels, 2, torch.bfloat16)
+
+    def test_no_host_copy_after_first_call(self):
+        thresholds, _ = _tables("gelu", 2)
+        x = torch.randn(1000, device="cuda")
+        act_codes.act_pack_forward(x, "gelu", thresholds, 2, torch.float32)
+        n_cached = len(act_codes._SCALARS)
+        act_codes.act_pack_forward(x, "gelu", thresholds, 2, torch.float32)
+        assert len(act_codes._SCALARS) == n_cached
