@@ -70,6 +70,22 @@ if HAS_TRITON:
         return y
 
     @triton.jit
+    def _byte_tile(numel, PER: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr):
+        """This program's elements as a [BLOCK_B, PER] row-major tile.
+
+        Row r is byte ``pid * BLOCK_B + r``; column f is its field f
+        (bits ``f*BITS .. f*BITS+BITS-1``). Returns rows, fields, element
+        offsets and the in-bounds mask.
+        """
+        pid = tl.program_id(0)
+        if IDX64:
+            pid = pid.to(tl.int64)
+        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+        fields = tl.arange(0, PER)
+        elem = rows[:, None] * PER + fields[None, :]
+        return rows, fields, elem, elem < numel
+
+    @triton.jit
     def _act_pack_fwd_kernel(
         x_ptr,  # contiguous input, fp32/fp16/bf16
         y_ptr,  # contiguous output, same numel, out dtype
@@ -84,15 +100,7 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr,  # bytes per program; BLOCK_B * PER elements
         IDX64: tl.constexpr,  # int64 offsets (when numel is near/above 2**31)
     ):
-        pid = tl.program_id(0)
-        if IDX64:
-            pid = pid.to(tl.int64)
-        # The program's elements as a [BLOCK_B, PER] row-major tile: row r is
-        # byte pid * BLOCK_B + r, column f its field f (bits f*BITS .. f*BITS+BITS-1).
-        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-        fields = tl.arange(0, PER)
-        elem = rows[:, None] * PER + fields[None, :]
-        mask = elem < numel
+        rows, fields, elem, mask = _byte_tile(numel, PER, BLOCK_B, IDX64)
 
         x = tl.load(x_ptr + elem, mask=mask, other=0.0).to(tl.float32)
         y = _activation(x, ACT)
@@ -122,13 +130,7 @@ if HAS_TRITON:
         BLOCK_B: tl.constexpr,
         IDX64: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        if IDX64:
-            pid = pid.to(tl.int64)
-        rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
-        fields = tl.arange(0, PER)
-        elem = rows[:, None] * PER + fields[None, :]
-        mask = elem < numel
+        rows, fields, elem, mask = _byte_tile(numel, PER, BLOCK_B, IDX64)
 
         byte = tl.load(codes_ptr + rows, mask=rows < n_bytes, other=0).to(tl.int32)
         code = (byte[:, None] >> (fields[None, :] * BITS)) & (N_LVL - 1)
