@@ -1,0 +1,65 @@
+"""ApproxBPConfig validation and the backend's entry points."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import approxbp_fx
+from approxbp_fx import ApproxBPConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"bits": 0}, ValueError, "bits must be an int in 1..4"),
+        ({"bits": 5}, ValueError, "bits must be an int in 1..4"),
+        ({"bits": 2.0}, ValueError, "bits must be an int"),
+        ({"bits": True}, ValueError, "bits must be an int"),
+        ({"activations": {"relu"}}, ValueError, "unknown \\['relu'\\]"),
+        ({"activations": "gelu"}, TypeError, "not a single string"),
+        ({"dtypes": {torch.float64}}, ValueError, "cannot be approximated"),
+        ({"save_act_codes": 1}, TypeError, "must be a bool"),
+    ],
+)
+def test_bad_config_values_fail_clearly(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        ApproxBPConfig(**kwargs)
+
+
+def test_config_is_frozen_and_hashable():
+    cfg = ApproxBPConfig(activations=["gelu"])
+    assert cfg.activations == frozenset({"gelu"})
+    with pytest.raises(AttributeError):
+        cfg.bits = 3
+    assert hash(cfg) == hash(ApproxBPConfig(activations={"gelu"}))
+    assert cfg.key() != ApproxBPConfig().key()
+
+
+def test_from_options_rejects_unknown_keys():
+    assert ApproxBPConfig.from_options({"bits": 3}).bits == 3
+    with pytest.raises(ValueError, match="unknown approxbp option"):
+        ApproxBPConfig.from_options({"bitz": 3})
+
+
+def test_backend_is_registered_as_entry_point():
+    names = {ep.name: ep.value for ep in entry_points(group="torch_dynamo_backends")}
+    assert names.get("approxbp") == "approxbp_fx.backend:approxbp"
+    assert "approxbp" in torch._dynamo.list_backends()
+
+
+def test_backend_rejects_wrong_arguments():
+    with pytest.raises(TypeError, match="expects an ApproxBPConfig"):
+        approxbp_fx.backend({"bits": 2})
+    with pytest.raises(ValueError, match="compiler must be"):
+        approxbp_fx.backend(compiler="tvm")
+
+
+def test_partitioner_uuid_tracks_config():
+    from approxbp_fx.partition import ApproxBPPartitioner
+
+    a = ApproxBPPartitioner(ApproxBPConfig(bits=2)).uuid()
+    assert a == ApproxBPPartitioner(ApproxBPConfig(bits=2)).uuid()
+    assert a != ApproxBPPartitioner(ApproxBPConfig(bits=3)).uuid()
