@@ -393,6 +393,7 @@ class _Activation:
         return -t * self._gate_neg(t)
 
     def h(self, x):
+        """The activation itself (for checks)."""
         return x + self.r(x) if x > 0 else self.r(x)
 
     def tails(self, ts):
@@ -462,13 +463,11 @@ def _solve(A, B):
             raise ZeroDivisionError("singular system")
         M[k], M[p] = M[p], M[k]
         piv = M[k][k]
-        rowk = M[k]
+        rowk = M[k][k:]
         for i in range(k + 1, n):
             f = M[i][k] / piv
             if f:
-                rowi = M[i]
-                for j in range(k, len(rowi)):
-                    rowi[j] -= f * rowk[j]
+                M[i][k:] = [x - f * y for x, y in zip(M[i][k:], rowk)]
     X = [[None] * n for _ in B]
     for b in range(len(B)):
         col = n + b
@@ -493,8 +492,8 @@ def _is_positive_definite(H) -> bool:
 
 
 class _Point:
-    """Everything at one set of knots: ``a*(c)``, multipliers, ``J*``; lazily the
-    gradient and Hessian of ``J*``."""
+    """Everything at one set of ascending knots: ``a*(c)``, the multipliers and
+    ``J*``; gradient and Hessian of ``J*`` on demand."""
 
     def __init__(self, act: _Activation, c) -> None:
         mp = act.ctx
@@ -533,17 +532,29 @@ class _Point:
         (x,) = _solve(A, [rhs])
         self.a = x[:n]
         self.l1, self.l2 = x[n], x[n + 1]
-        self.w = w = self.a + [mpf(-1)]
-        gram = act.fsum(w[p] * w[q] * G[p][q] for p in range(N) for q in range(N))
-        self.J = act.rr - 2 * act.fsum(ai * ti for ai, ti in zip(self.a, T)) + 2 * moments[zero][1] + gram
+        self.w = self.a + [mpf(-1)]
+        self._t0 = moments[zero][1]  # T(0) = S1(0)
+        self._J = None
 
-    def derivatives(self, directions):
-        """Gradient and Hessian of ``J*`` along ``directions`` (vectors in knot
-        space): ``(v_p . grad, v_p' H v_q)``."""
+    @property
+    def J(self):
+        """``J*(c)``; lazy, as ``int r**2`` costs a quadrature that
+        :func:`optimal_slopes` does not need."""
+        if self._J is None:
+            act, w, G, N = self.act, self.w, self.G, self.n + 1
+            gram = act.fsum(w[p] * w[q] * G[p][q] for p in range(N) for q in range(N))
+            self._J = act.rr - 2 * act.fsum(ai * ti for ai, ti in zip(self.a, self.T)) + 2 * self._t0 + gram
+        return self._J
+
+    def derivatives(self):
+        """Gradient and Hessian of ``J*`` with respect to the knots."""
         act, c, a, w, G, K, kap = self.act, self.c, self.a, self.w, self.G, self.K, self.kap
         n, N = self.n, self.n + 1
         mp = act.ctx
         mpf = mp.mpf
+        # L = J + l1 (sum a - 1) + l2 sum a c, J = const - 2 sum a_i T(c_i) + w'Gw.
+        # With T' = -S0 and S0' = -r: dL/dc_i = 2 a_i S0(c_i) + d(w'Gw)/dc_i + l2 a_i,
+        # which at a*(c) is dJ*/dc_i (envelope theorem).
         g1 = [[_gram_d1(kap[p], kap[q], K) for q in range(N)] for p in range(N)]
         row = [act.fsum(w[q] * g1[i][q] for q in range(N)) for i in range(n)]
         grad = [2 * a[i] * self.S0[i] + 2 * w[i] * row[i] + self.l2 * a[i] for i in range(n)]
@@ -562,21 +573,11 @@ class _Point:
             Hcc[j][j] = 2 * w[j] * (
                 act.fsum(w[q] * max(kap[j] - kap[q], 0) for q in range(N) if q != j) + w[j] * (K - kap[j])
             ) - 2 * a[j] * act.r(c[j])
-        # Implicit differentiation of the KKT system: H = Hcc - Hyc' A^-1 Hyc,
-        # formed only along the requested directions.
-        dirs = [[(j, vj) for j, vj in enumerate(v) if vj] for v in directions]
-        Vyc = [[act.fsum(vj * Hyc[j][k] for j, vj in d) for k in range(n + 2)] for d in dirs]
-        X = _solve(self.A, Vyc)
-        gd = [act.fsum(vj * grad[j] for j, vj in d) for d in dirs]
-        Hd = [
-            [
-                act.fsum(vi * vj * Hcc[i][j] for i, vi in dp for j, vj in dq)
-                - act.fsum(x * y for x, y in zip(Vyc[p], X[q]))
-                for q, dq in enumerate(dirs)
-            ]
-            for p, dp in enumerate(dirs)
-        ]
-        return gd, Hd
+        # Implicit differentiation of the KKT system: H = Hcc - Hyc' A^-1 Hyc.
+        X = _solve(self.A, Hyc)
+        fsum = act.fsum
+        H = [[Hcc[i][j] - fsum(x * y for x, y in zip(Hyc[i], X[j])) for j in range(n)] for i in range(n)]
+        return grad, H
 
 
 def _gram(x, y, K):
@@ -612,11 +613,10 @@ def _newton(act: _Activation, c0, tol, known=(), max_iter: int = 80) -> _Point:
     mpf = mp.mpf
     n = len(c0)
     tol = mpf(tol)
-    eye = [[int(i == j) for i in range(n)] for j in range(n)]
     c = [mpf(v) for v in c0]
     pt = _Point(act, c)
     for _ in range(max_iter):
-        g, H = pt.derivatives(eye)
+        g, H = pt.derivatives()
         # Levenberg: shift until positive definite, so d is a descent direction
         # even where J* is not convex (far from a minimum).
         mu = mpf(0)
@@ -772,7 +772,7 @@ def derive(activation: str, bits: int) -> StepTable:
         act = _Activation(activation)
         # Quadratic convergence: the step after a 1e-30 one is far below 1e-40.
         pt = _newton(act, best.c, tol="1e-30")
-        _, H = pt.derivatives([[int(i == j) for i in range(n)] for j in range(n)])
+        _, H = pt.derivatives()
         if not _is_positive_definite(H):  # pragma: no cover
             raise RuntimeError(f"{activation!r}, {bits} bits: Newton stopped at a saddle of J*")
         a, c = _rounded(pt)
@@ -816,17 +816,18 @@ def objective(activation: str, a: Sequence[float], c: Sequence[float]) -> float:
         act = _Activation(activation)
         lo, hi = min(min(C), mpf(0)), max(max(C), mpf(0))
 
-        def err2(x):
-            g = mp.fsum(ai * (x - ci) for ai, ci in zip(A, C) if x > ci) - (x if x > 0 else 0)
-            return (act.r(x) - g) ** 2
-
         def r2(x):
             return act.r(x) ** 2
 
         # h - h~ = r - g, and g = h~ - ReLU vanishes outside [lo, hi]; r is even.
-        inner = sorted(set(C) | {lo, hi, mpf(0)})
-        J = mp.quad(err2, inner) if len(inner) > 1 else mpf(0)
-        J += mp.quad(r2, [-lo, -lo + 4, mp.inf]) + mp.quad(r2, [hi, hi + 4, mp.inf])
+        J = mp.quad(r2, [-lo, -lo + 4, mp.inf]) + mp.quad(r2, [hi, hi + 4, mp.inf])
+        points = sorted(set(C) | {lo, hi, mpf(0)})
+        for left, right in zip(points, points[1:]):
+            # g is linear between breakpoints: slope and intercept of the
+            # ramps (and the ReLU) that have started.
+            slope = mp.fsum(ai for ai, ci in zip(A, C) if ci <= left) - (1 if left >= 0 else 0)
+            icept = -mp.fsum(ai * ci for ai, ci in zip(A, C) if ci <= left)
+            J += mp.quad(lambda x: (act.r(x) - icept - slope * x) ** 2, [left, right])
         return float(J)
 
 

@@ -183,7 +183,7 @@ _GELU3_SYMMETRIC_C = (-2.506770984580967, -0.7649723029088855, -0.36005307493859
 
 
 def test_gelu_3bit_asymmetric_optimum_beats_symmetric():
-    """Symmetry breaking: with 7 knots a symmetric set must waste one at 0."""
+    """Symmetry breaking: 7 symmetric knots must put one at 0; the optimum does not."""
     j_sym = _j_star("gelu", _GELU3_SYMMETRIC_C)
     tab = table("gelu", 3)
     j = objective("gelu", tab.a, tab.c)
