@@ -140,7 +140,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         if not any(s.skip is None for s in sites):
             fw, bw = self._partition(gm, joint_inputs, kwargs)
             report.baseline_bytes = report.final_bytes = sum(saved_tensors(bw).values())
-            report.sites = [SiteDecision(s, False, s.skip or "", *(2 * [0])) for s in sites]
+            report.sites = [SiteDecision(s, False, s.skip or "") for s in sites]
             self._finish(report)
             return fw, bw
 
@@ -162,7 +162,8 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         chosen = {x for x, d in decisions.items() if d.rewritten}
         while chosen:
             trial = _copy(gm)
-            save_act_codes.rewrite(trial, cfg, only=chosen)
+            # Node names survive deepcopy, so the sites found on gm apply to the copy.
+            save_act_codes.apply_sites(trial, [d.site for x, d in decisions.items() if x in chosen], cfg)
             fw, bw = self._partition(trial, joint_inputs, kwargs)
             saved = saved_tensors(bw)
             losers = set()

@@ -200,6 +200,17 @@ def _on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def act_pack_torch(x: torch.Tensor, activation: str, thresholds, bits: int, out_dtype: torch.dtype):
+    """Plain-torch ``approxbp::act_pack``: the CPU kernel, and the fallback for dtypes Triton skips."""
+    return exact_forward(activation, x, out_dtype).contiguous(), pack_codes(x, thresholds, bits)
+
+
+def code_grad_torch(grad: torch.Tensor, codes: torch.Tensor, levels, bits: int, out_dtype: torch.dtype):
+    """Plain-torch ``approxbp::code_grad``: the CPU kernel, and the fallback for dtypes Triton skips."""
+    d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
+    return (grad.float() * d).to(out_dtype).contiguous()
+
+
 def act_pack_forward(
     x: torch.Tensor, activation: str, thresholds, bits: int, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +225,7 @@ def act_pack_forward(
     if x.dtype not in _KERNEL_DTYPES or out_dtype not in _KERNEL_DTYPES:
         # float64 (never rewritten by the backend) and exotic dtypes: the torch
         # code is exact and runs on any device.
-        return exact_forward(activation, x, out_dtype).contiguous(), pack_codes(x, thresholds, bits)
+        return act_pack_torch(x, activation, thresholds, bits, out_dtype)
     x = x.contiguous()  # the contract is row-major logical order
     numel = x.numel()
     per, n_bytes, block_b, grid, idx64 = _launch_geometry(numel, bits)
@@ -248,8 +259,7 @@ def code_grad_forward(
     _check_args(bits, n_levels=len(levels))
     _check_codes(grad, codes, bits)
     if grad.dtype not in _KERNEL_DTYPES + (torch.float64,) or out_dtype not in _KERNEL_DTYPES + (torch.float64,):
-        d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
-        return (grad.float() * d).to(out_dtype).contiguous()
+        return code_grad_torch(grad, codes, levels, bits, out_dtype)
     # float64 is fine here: the maths is float32 either way (grad.float() * level).
     grad = grad.contiguous()
     codes = codes.contiguous()
@@ -299,8 +309,7 @@ def act_pack(
     x: torch.Tensor, activation: str, thresholds: list[float], bits: int, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check_args(bits, n_thresholds=len(thresholds))
-    y = exact_forward(activation, x, out_dtype).contiguous()
-    return y, pack_codes(x, thresholds, bits)
+    return act_pack_torch(x, activation, thresholds, bits, out_dtype)
 
 
 @act_pack.register_fake
@@ -316,8 +325,7 @@ def code_grad(
 ) -> torch.Tensor:
     _check_args(bits, n_levels=len(levels))
     _check_codes(grad, codes, bits)
-    d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
-    return (grad.float() * d).to(out_dtype).contiguous()
+    return code_grad_torch(grad, codes, levels, bits, out_dtype)
 
 
 @code_grad.register_fake

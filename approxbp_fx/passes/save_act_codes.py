@@ -35,7 +35,7 @@ from ..coefficients import table
 from ..config import ApproxBPConfig
 from . import pointwise as pw
 
-__all__ = ["ActSite", "find_sites", "rewrite", "apply_site"]
+__all__ = ["ActSite", "find_sites", "rewrite", "apply_site", "apply_sites"]
 
 _act_pack = torch.ops.approxbp.act_pack.default
 _code_grad = torch.ops.approxbp.code_grad.default
@@ -239,17 +239,18 @@ def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
         stack.extend(args)
 
 
-def rewrite(gm: fx.GraphModule, cfg: ApproxBPConfig, only: set[str] | None = None) -> int:
-    """Rewrite every rewritable site (or those whose ``x`` is in ``only``); returns the count."""
-    if not cfg.save_act_codes:
-        return 0
-    done = 0
-    for site in find_sites(gm, cfg):
-        if site.skip is None and (only is None or site.x in only):
-            apply_site(gm, site, cfg)
-            done += 1
-    if done:
+def apply_sites(gm: fx.GraphModule, sites: list[ActSite], cfg: ApproxBPConfig) -> int:
+    """Rewrite the given (rewritable) sites of ``gm``, found on it or on a copy of it."""
+    for site in sites:
+        apply_site(gm, site, cfg)
+    if sites:
         gm.graph.lint()
         gm.recompile()
-    return done
+    return len(sites)
 
+
+def rewrite(gm: fx.GraphModule, cfg: ApproxBPConfig) -> int:
+    """Rewrite every rewritable site; returns the count."""
+    if not cfg.save_act_codes:
+        return 0
+    return apply_sites(gm, [s for s in find_sites(gm, cfg) if s.skip is None], cfg)
