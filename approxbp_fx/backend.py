@@ -70,13 +70,19 @@ def backend(
 
 def _aot_eager(cfg: ApproxBPConfig, on_report):
     from functorch.compile import make_boxed_func
+    from torch._decomp import get_decompositions
     from torch._dynamo.backends.common import aot_autograd
 
     def run_graph(gm, _example_inputs):
         return make_boxed_func(gm.forward)
 
     partitioner = ApproxBPPartitioner(cfg, on_report=on_report)
-    return aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner)
+    # Inductor hands its partitioner layer norm decomposed (var_mean, rsqrt, ...);
+    # decompose it here too so this tier sees the norm sites inductor's does.
+    # Activations stay whole (aten.gelu_backward), which keeps that form tested.
+    aten = torch.ops.aten
+    decomps = get_decompositions([aten.native_layer_norm, aten.native_layer_norm_backward])
+    return aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner, decompositions=decomps)
 
 
 def approxbp(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):

@@ -12,6 +12,7 @@ from .activations import ACTIVATIONS
 __all__ = ["ApproxBPConfig"]
 
 _REWRITABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_NORM_SHARE_DTYPES = ("consumer", "input")
 
 
 @dataclass(frozen=True)
@@ -32,18 +33,33 @@ class ApproxBPConfig:
     # Approx-BP for GELU/SiLU-family activations (passes/save_act_codes.py).
     save_act_codes: bool = True
 
+    # MS-BP for LayerNorm/RMSNorm (passes/share_norm_input.py): the norm's
+    # backward reads the normalised tensor its consumers save, not its input.
+    share_norm_input: bool = True
+
+    # The dtype of that shared tensor. "consumer": the one the following
+    # layers read (bf16 under autocast), which shares one tensor and rounds x̂
+    # to bf16 for the norm's backward; "input": the norm input's dtype, exact
+    # under autocast at twice the bytes. docs/saved_bytes.md has both measured.
+    norm_share_dtype: str = "consumer"
+
     # Which activations may be approximated; the others stay exact.
     activations: frozenset[str] = field(default_factory=lambda: frozenset(ACTIVATIONS))
 
-    # Activation inputs of these dtypes may be rewritten. float64 is never
-    # approximated: whoever trains in float64 asked for exactness.
+    # Inputs of these dtypes may be rewritten, activations and norms alike.
+    # float64 never is: whoever trains in float64 asked for exactness.
     dtypes: frozenset[torch.dtype] = field(default_factory=lambda: frozenset(_REWRITABLE_DTYPES))
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 4:
             raise ValueError(f"ApproxBPConfig.bits must be an int in 1..4, got {self.bits!r}")
-        if not isinstance(self.save_act_codes, bool):
-            raise TypeError(f"ApproxBPConfig.save_act_codes must be a bool, got {self.save_act_codes!r}")
+        for flag in ("save_act_codes", "share_norm_input"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"ApproxBPConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
+        if self.norm_share_dtype not in _NORM_SHARE_DTYPES:
+            raise ValueError(
+                f"ApproxBPConfig.norm_share_dtype must be one of {_NORM_SHARE_DTYPES}, got {self.norm_share_dtype!r}"
+            )
         # Accept any iterable of names but store a frozenset so the config stays hashable.
         if isinstance(self.activations, str):
             raise TypeError("ApproxBPConfig.activations must be a collection of names, not a single string")
@@ -75,6 +91,8 @@ class ApproxBPConfig:
         return (
             self.bits,
             self.save_act_codes,
+            self.share_norm_input,
+            self.norm_share_dtype,
             tuple(sorted(self.activations)),
             tuple(sorted(str(d) for d in self.dtypes)),
         )

@@ -109,7 +109,5 @@ def explain(
     for r in reports:
         for d in r.sites:
             s = d.site
-            exp.sites.append(
-                SiteRow(s.activation, s.shape, s.dtype, d.rewritten, d.reason, d.saved_before, d.saved_after)
-            )
+            exp.sites.append(SiteRow(s.op, s.shape, s.dtype, d.rewritten, d.reason, d.saved_before, d.saved_after))
     return exp

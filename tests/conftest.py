@@ -79,9 +79,9 @@ def saved_bytes(model, tier, *args, cfg=None, reports=None, autocast=None):
         return saved_activation_bytes(fn, *args, params=model)
 
 
-def rewrites() -> int:
-    return approxbp_fx.partition.counters["approxbp"]["save_act_codes"]
+def rewrites(rule: str = "save_act_codes") -> int:
+    return approxbp_fx.partition.counters["approxbp"][rule]
 
 
-def kept_exact() -> int:
-    return approxbp_fx.partition.counters["approxbp"]["save_act_codes_kept_exact"]
+def kept_exact(rule: str = "save_act_codes") -> int:
+    return approxbp_fx.partition.counters["approxbp"][f"{rule}_kept_exact"]

@@ -33,9 +33,12 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from ..activations import ACTIVATIONS, activation_fn, exact_derivative
 from ..coefficients import table
 from ..config import ApproxBPConfig
+from ..reference import packed_numel
 from . import pointwise as pw
+from .graph_bytes import hint, is_backward, nbytes
+from .graph_edit import apply_each, copy_meta, fake_run
 
-__all__ = ["ActSite", "find_sites", "rewrite", "apply_site", "apply_sites"]
+__all__ = ["ActSite", "find_sites", "predict", "apply_site", "apply_sites", "rewrite"]
 
 _act_pack = torch.ops.approxbp.act_pack.default
 _code_grad = torch.ops.approxbp.code_grad.default
@@ -66,9 +69,27 @@ class ActSite:
     skip: str | None = None  # why this site cannot be rewritten, if it cannot
 
     @property
+    def key(self) -> str:
+        return self.x
+
+    @property
+    def op(self) -> str:
+        return self.activation
+
+    @property
     def tensors(self) -> set[str]:
         """Every name under which the site's tensors can appear in a saved set."""
         return {*self.closure, *self.x_aliases, *self.aliases}
+
+    @property
+    def nodes(self) -> set[str]:
+        """The nodes the rewrite reads or replaces."""
+        return self.tensors
+
+    @property
+    def must_leave_backward(self) -> tuple[str, ...]:
+        # Saved or recomputed, x in the backward graph means the codes bought nothing.
+        return self.x_aliases
 
     def with_skip(self, why: str) -> "ActSite":
         return dataclasses.replace(self, skip=why)
@@ -172,24 +193,8 @@ def _find_gradient(x, closure, order, name):
     return dx, g, sorted(feeding, key=order.__getitem__), None
 
 
-def _copy_meta(dst: fx.Node, src: fx.Node, val) -> None:
-    # The partitioner reads partitioner_tag (forward/backward); keep the
-    # provenance (stack trace, seq_nr, module stack) for debuggers and profilers.
-    for k, v in src.meta.items():
-        if k not in ("val", "tensor_meta"):
-            dst.meta[k] = v
-    dst.meta["val"] = val
-
-
-def _fake(op, args):
-    vals = fx.node.map_arg(args, lambda n: n.meta["val"])
-    fake_mode = torch._guards.detect_fake_mode(vals)
-    with fake_mode:
-        return op(*vals)
-
-
-def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> None:
-    """Rewrite one site in place (see the module docstring)."""
+def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> set[str]:
+    """Rewrite one site in place (see the module docstring); returns the new nodes' names."""
     assert site.skip is None and site.dx is not None, site
     nodes = {n.name: n for n in gm.graph.nodes}
     x, dx, g = nodes[site.x], nodes[site.dx], nodes[site.g]
@@ -202,12 +207,12 @@ def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> None:
     pack_args = (x, site.activation, list(tab.thresholds), cfg.bits, out_dtype)
     with graph.inserting_before(first_y):
         pack = graph.call_function(_act_pack, pack_args)
-        y_val, codes_val = _fake(_act_pack, pack_args)
-        _copy_meta(pack, first_y, (y_val, codes_val))
+        y_val, codes_val = fake_run(_act_pack, pack_args)
+        copy_meta(pack, first_y, (y_val, codes_val))
         y_new = graph.call_function(operator.getitem, (pack, 0))
-        _copy_meta(y_new, first_y, y_val)
+        copy_meta(y_new, first_y, y_val)
         codes = graph.call_function(operator.getitem, (pack, 1))
-        _copy_meta(codes, first_y, codes_val)
+        copy_meta(codes, first_y, codes_val)
     for y in ys:
         dtype = y.meta["val"].dtype
         if dtype == out_dtype:
@@ -215,15 +220,47 @@ def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> None:
             continue
         with graph.inserting_after(y_new):
             cast = graph.call_function(_convert, (y_new, dtype))
-            _copy_meta(cast, y, _fake(_convert, (y_new, dtype)))
+            copy_meta(cast, y, fake_run(_convert, (y_new, dtype)))
         y.replace_all_uses_with(cast)
 
     grad_args = (g, codes, list(tab.levels), cfg.bits, dx.meta["val"].dtype)
     with graph.inserting_before(dx):
         dx_new = graph.call_function(_code_grad, grad_args)
-        _copy_meta(dx_new, dx, _fake(_code_grad, grad_args))
+        copy_meta(dx_new, dx, fake_run(_code_grad, grad_args))
     dx.replace_all_uses_with(dx_new)
     _erase_dead(graph, [*(nodes[n] for n in site.grad_region), *ys, *(nodes[n] for n in site.closure[1:])])
+    new = {pack, y_new, codes}
+    return {n.name for n in new} | {v.name for n in new for v in pw.view_descendants(n)}
+
+
+def predict(gm: fx.GraphModule, site: ActSite, base_saved: dict[str, int], cfg: ApproxBPConfig) -> tuple[int, str]:
+    """Bytes the site would keep saved after the rewrite, and why it would not pay."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    codes = hint(packed_numel(nodes[site.x].meta["val"].numel(), cfg.bits))
+    dead = set(site.closure) | set(site.grad_region)
+
+    def backward_users(node: fx.Node) -> list[fx.Node]:
+        return [u for u in node.users if u.name not in dead and is_backward(u)]
+
+    # y stays needed if backward reads it for anything but the activation's own gradient.
+    y_readers = [u for y in site.ys for u in backward_users(nodes[y])]
+    y_bytes = nbytes(nodes[site.ys[0]].meta["val"]) if y_readers else 0
+    # So does x, if backward reads it outside the activation.
+    x_readers = backward_users(nodes[site.x])
+    x_bytes = sum(base_saved.get(n, 0) for n in site.x_aliases) if x_readers else 0
+    after = codes + y_bytes + x_bytes
+    y_names = [n for y in site.ys for n in [y, *(v.name for v in pw.view_descendants(nodes[y]))]]
+    if y_readers and not any(n in base_saved for n in y_names):
+        why = (
+            f"backward reads the {site.activation} output ({y_readers[0].target}), which inductor "
+            f"recomputes from the input; saving it plus codes ({after} B) would exceed the "
+            f"input it saves now"
+        )
+    elif x_readers:
+        why = f"backward still reads the input elsewhere ({x_readers[0].target})"
+    else:
+        why = f"inductor saves only {sum(base_saved.get(n, 0) for n in site.tensors)} B here"
+    return after, why
 
 
 def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
@@ -239,18 +276,16 @@ def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
         stack.extend(args)
 
 
-def apply_sites(gm: fx.GraphModule, sites: list[ActSite], cfg: ApproxBPConfig) -> int:
-    """Rewrite the given (rewritable) sites of ``gm``, found on it or on a copy of it."""
-    for site in sites:
-        apply_site(gm, site, cfg)
-    if sites:
-        gm.graph.lint()
-        gm.recompile()
-    return len(sites)
+def apply_sites(gm: fx.GraphModule, sites: list[ActSite], cfg: ApproxBPConfig) -> dict[str, set[str]]:
+    """Rewrite the given (rewritable) sites of ``gm``, found on it or on a copy of it.
+
+    Returns site key -> names of the nodes the rewrite added (where its saved tensors now live).
+    """
+    return apply_each(gm, sites, lambda site: apply_site(gm, site, cfg))
 
 
 def rewrite(gm: fx.GraphModule, cfg: ApproxBPConfig) -> int:
     """Rewrite every rewritable site; returns the count."""
     if not cfg.save_act_codes:
         return 0
-    return apply_sites(gm, [s for s in find_sites(gm, cfg) if s.skip is None], cfg)
+    return len(apply_sites(gm, [s for s in find_sites(gm, cfg) if s.skip is None], cfg))

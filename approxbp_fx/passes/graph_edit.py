@@ -1,0 +1,51 @@
+"""Editing joint graphs the way every rule must (docs/invariants.md)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence, TypeVar
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+__all__ = ["copy_meta", "fake_run", "apply_each"]
+
+S = TypeVar("S")
+
+# AC tags describe the node they were put on; a replacement decides its own.
+_NOT_COPIED = ("val", "tensor_meta", "recompute", "ac_graph_id")
+
+
+def copy_meta(dst: fx.Node, src: fx.Node, val, tag: str | None = None) -> None:
+    """Give ``dst`` the provenance of ``src`` and the fake value ``val``.
+
+    The partitioner reads ``partitioner_tag`` (forward/backward); stack trace,
+    seq_nr and module stack keep debuggers and profilers pointing at user code.
+    ``tag`` overrides the partitioner tag (e.g. ``"must_be_in_backward"``).
+    """
+    for k, v in src.meta.items():
+        if k not in _NOT_COPIED:
+            dst.meta[k] = v
+    dst.meta["val"] = val
+    if tag is not None:
+        dst.meta["partitioner_tag"] = tag
+
+
+def fake_run(op, args, kwargs=None):
+    """``op`` on the fake values of its node arguments, under the graph's fake mode."""
+    vals, kvals = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta["val"])
+    fake_mode = torch._guards.detect_fake_mode(pytree.tree_leaves((vals, kvals)))
+    with fake_mode:
+        return op(*vals, **kvals)
+
+
+def apply_each(gm: fx.GraphModule, sites: Sequence[S], apply: Callable[[S], set[str]]) -> dict[str, set[str]]:
+    """Apply ``apply`` to each site (in order), then lint and recompile once.
+
+    Returns site key -> names of the nodes the rewrite added.
+    """
+    out = {site.key: apply(site) for site in sites}
+    if sites:
+        gm.graph.lint()
+        gm.recompile()
+    return out
