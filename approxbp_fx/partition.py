@@ -117,15 +117,16 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         cfg = self.cfg
         sites = find_sites(gm, cfg)
         report = GraphReport()
+        static = kwargs.get("static_lifetime_input_indices")
         if not any(s.skip is None for _, s in sites):
             fw, bw = self._partition(gm, joint_inputs, kwargs)
-            report.baseline_bytes = report.final_bytes = sum(saved_tensors(bw, gm).values())
+            report.baseline_bytes = report.final_bytes = sum(saved_tensors(bw, gm, static).values())
             report.sites = [SiteDecision(s, False, s.skip or "", rule=r) for r, s in sites]
             self._finish(report)
             return fw, bw
 
         base_fw, base_bw = self._partition(_copy(gm), joint_inputs, kwargs)
-        base_saved = saved_tensors(base_bw, gm)
+        base_saved = saved_tensors(base_bw, gm, static)
         report.baseline_bytes = sum(base_saved.values())
 
         decisions: dict[tuple[str, str], SiteDecision] = {}
@@ -149,7 +150,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
                 for key, names in module.apply_sites(trial, todo, cfg).items():
                     added[(rule, key)] = names
             fw, bw = self._partition(trial, joint_inputs, kwargs)
-            saved = saved_tensors(bw, trial)
+            saved = saved_tensors(bw, trial, static)
             in_backward = {n.name for n in bw.graph.nodes}
             losers = set()
             for k in chosen:

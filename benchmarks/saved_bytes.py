@@ -11,8 +11,6 @@ from the JSON this script writes.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
 from pathlib import Path
 
@@ -23,7 +21,8 @@ from torch import nn
 import approxbp_fx
 from approxbp_fx import saved_activation_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import ROOT, provenance, write  # noqa: E402
 
 
 class MLP(nn.Module):
@@ -105,23 +104,9 @@ def main(argv=None) -> None:
         for frozen in (False, True)
         for dtype in (torch.bfloat16, torch.float32)
     ]
-    import datetime
-
-    meta = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": f"{platform.machine()} CPU",
-        "date": datetime.date.today().isoformat(),
-        "d": args.d,
-        "hidden": args.hidden,
-        "tokens": list(args.tokens),
-        "bits": approxbp_fx.ApproxBPConfig().bits,
-    }
-    command = "python benchmarks/saved_bytes.py" + (" " + " ".join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else "")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "command": command, "rows": rows}, indent=2) + "\n")
-    args.md.write_text(render(rows, meta, command))
-    print(render(rows, meta, command))
+    meta, command = provenance("saved_bytes.py", argv)
+    meta.update(d=args.d, hidden=args.hidden, tokens=list(args.tokens), bits=approxbp_fx.ApproxBPConfig().bits)
+    write(args.json, args.md, {"meta": meta, "command": command, "rows": rows}, render(rows, meta, command))
 
 
 if __name__ == "__main__":

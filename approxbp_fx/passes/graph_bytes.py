@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 import torch.fx as fx
 
@@ -34,29 +36,38 @@ def is_backward(node: fx.Node) -> bool:
     return node.meta.get("partitioner_tag") in ("is_backward", "must_be_in_backward")
 
 
-def _views_of_inputs(joint: fx.GraphModule) -> set[str]:
-    names = set()
-    for n in joint.graph.nodes:
-        base = n
-        while pw.is_view(base) and isinstance(base.args[0], fx.Node):
-            base = base.args[0]
-        if base is not n and base.op == "placeholder":
-            names.add(n.name)
-    return names
+def _base(node: fx.Node) -> fx.Node:
+    while pw.is_view(node) and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
-def saved_tensors(bw: fx.GraphModule, joint: fx.GraphModule | None = None) -> dict[str, int]:
+def saved_tensors(
+    bw: fx.GraphModule,
+    joint: fx.GraphModule | None = None,
+    static_inputs: Iterable[int] | None = None,
+) -> dict[str, int]:
     """Name -> bytes of the activations a backward graph receives from its forward.
 
-    Primals (parameters and inputs) are left out: they are alive anyway. So
-    are views of them, when the ``joint`` graph the partition came from is given.
+    Parameters and buffers (``static_inputs``, the joint graph's
+    ``static_lifetime_input_indices``) live all step anyway and are left out,
+    with their views. Other graph inputs are activations of whoever called the
+    graph, and saving one keeps it alive, so they count; a view counts as its
+    base, once. Without ``static_inputs`` every graph input is taken as free.
+    ``joint`` (the graph the partition came from) is needed to see views.
     """
-    free = _views_of_inputs(joint) if joint is not None else set()
-    out = {}
+    joint_nodes = {n.name: n for n in joint.graph.nodes} if joint is not None else {}
+    static = None if static_inputs is None else {f"primals_{i + 1}" for i in static_inputs}
+    out: dict[str, int] = {}
     for n in bw.graph.find_nodes(op="placeholder"):
-        if n.name.startswith(("tangents", "primals")) or n.name in free:
+        if n.name.startswith("tangents"):
+            continue
+        src = joint_nodes.get(n.name)
+        base = _base(src) if src is not None else n
+        if base.op == "placeholder" and (static is None or base.name in static):
             continue
         b = nbytes(n.meta.get("val"))
         if b:
-            out[n.name] = b
+            name = base.name if base.op == "placeholder" else n.name
+            out[name] = max(out.get(name, 0), b)
     return out
