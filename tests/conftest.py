@@ -85,3 +85,91 @@ def rewrites(rule: str = "save_act_codes") -> int:
 
 def kept_exact(rule: str = "save_act_codes") -> int:
     return approxbp_fx.partition.counters["approxbp"][f"{rule}_kept_exact"]
+
+
+# --------------------------------------------------------------------------- norms (share_norm_input)
+
+
+class FunctionalLayerNorm(nn.Module):
+    """``F.layer_norm`` with its own weight and bias, as hand-written model code calls it."""
+
+    def __init__(self, d, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
+
+
+class FunctionalRMSNorm(nn.Module):
+    """``F.rms_norm`` with its own weight."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x):
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def _hf_norm(module: str, cls: str):
+    # Imported lazily: transformers is only needed by the tests that build these.
+    def make(d):
+        import importlib
+
+        return getattr(importlib.import_module(f"transformers.models.{module}"), cls)(d)
+
+    return make
+
+
+# Every spelling of a normalisation that real model code uses, keyed by the
+# op the share_norm_input rule should report: name -> (op, factory(d)).
+NORM_FORMS = {
+    "nn.LayerNorm": ("layer_norm", lambda d: nn.LayerNorm(d)),
+    "nn.LayerNorm(bias=False)": ("layer_norm", lambda d: nn.LayerNorm(d, bias=False)),
+    "nn.LayerNorm(no affine)": ("layer_norm", lambda d: nn.LayerNorm(d, elementwise_affine=False)),
+    "F.layer_norm": ("layer_norm", FunctionalLayerNorm),
+    "nn.RMSNorm": ("rms_norm", lambda d: nn.RMSNorm(d)),
+    "F.rms_norm": ("rms_norm", FunctionalRMSNorm),
+    "LlamaRMSNorm": ("rms_norm", _hf_norm("llama.modeling_llama", "LlamaRMSNorm")),
+    "T5LayerNorm": ("rms_norm", _hf_norm("t5.modeling_t5", "T5LayerNorm")),
+    # (1 + weight) scaling, zero-initialised weight.
+    "GemmaRMSNorm": ("rms_norm", _hf_norm("gemma.modeling_gemma", "GemmaRMSNorm")),
+}
+
+
+class NormBlock(nn.Module):
+    """``h = x + fc0(x); out = h + fc(norm(h))``: a pre-norm residual block."""
+
+    def __init__(self, norm, d=64):
+        super().__init__()
+        self.fc0 = nn.Linear(d, d)
+        self.norm = norm
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = x + self.fc0(x)
+        return h + self.fc(self.norm(h))
+
+
+def norm_sites(reports) -> list:
+    """The share_norm_input decisions of every report, in graph order."""
+    return [d for r in reports for d in r.sites if d.rule == "share_norm_input"]
+
+
+@pytest.fixture
+def no_autograd_cache():
+    """Every compile runs the partitioner, so every compile sends its report.
+
+    AOTAutograd's cache serves a graph compiled earlier in this process without
+    calling the partitioner again (so no ``on_report``); tests that compile the
+    same graph twice, or count reports, need it off. Inductor's code cache,
+    which runs after partitioning, stays on.
+    """
+    from torch._functorch import config as functorch_config
+
+    with functorch_config.patch(enable_autograd_cache=False):
+        yield

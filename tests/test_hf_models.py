@@ -1,13 +1,16 @@
-"""Real model code: tiny random-init Hugging Face GPT-2, BERT and ViT (no downloads)."""
+"""Real model code: tiny random-init Hugging Face GPT-2, BERT, ViT and LLaMA (no downloads)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from tests.conftest import rewrites, saved_bytes
+from tests.conftest import kept_exact, norm_sites, rewrites, saved_bytes
 
 transformers = pytest.importorskip("transformers")
+
+# Every test here must see its own partitioner reports (the models repeat across tests).
+pytestmark = pytest.mark.usefixtures("no_autograd_cache")
 
 LAYERS = 2
 
@@ -37,8 +40,16 @@ def _vit():
     return model, (torch.randn(3, 3, 40, 40),)
 
 
-@pytest.mark.parametrize("build", [_gpt2, _bert, _vit], ids=["gpt2", "bert", "vit"])
-def test_hf_mlp_sites_are_found_and_shrink_saved_bytes(build):
+def _llama():
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=LAYERS, hidden_size=64, intermediate_size=160, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    return model, (torch.randint(0, 101, (3, 23)),)
+
+
+def _prepare(build):
     torch.manual_seed(0)
     model, args = build()
     model.train()
@@ -47,6 +58,12 @@ def test_hf_mlp_sites_are_found_and_shrink_saved_bytes(build):
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
+    return model, args
+
+
+@pytest.mark.parametrize("build", [_gpt2, _bert, _vit], ids=["gpt2", "bert", "vit"])
+def test_hf_mlp_sites_are_found_and_shrink_saved_bytes(build):
+    model, args = _prepare(build)
     reports = []
     ours = saved_bytes(model, "approxbp", *args, reports=reports)
     theirs = saved_bytes(model, "inductor", *args)
@@ -54,4 +71,37 @@ def test_hf_mlp_sites_are_found_and_shrink_saved_bytes(build):
     expected = "gelu_tanh" if build is _gpt2 else "gelu"
     assert rewritten == [expected] * LAYERS
     assert rewrites() == LAYERS
+    assert ours < theirs, (ours, theirs)
+
+
+# Norm sites per model (2 layers): (op, found, rewritten). BERT's and ViT's last
+# LayerNorm feeds only the pooler's [CLS] slice / the classifier's [CLS] token, so
+# no consumer saves its full output and it stays exact.
+NORMS = {
+    "gpt2": ("layer_norm", 2 * LAYERS + 1, 2 * LAYERS + 1),  # ln_1, ln_2 per layer, ln_f
+    "bert": ("layer_norm", 2 * LAYERS + 1, 2 * LAYERS),  # embeddings LN + 2 per layer
+    "vit": ("layer_norm", 2 * LAYERS + 1, 2 * LAYERS),  # 2 per layer + final LN
+    "llama": ("rms_norm", 2 * LAYERS + 1, 2 * LAYERS + 1),  # 2 per layer + final norm
+}
+
+
+@pytest.mark.parametrize(
+    "build", [_gpt2, _bert, _vit, _llama], ids=["gpt2", "bert", "vit", "llama"]
+)
+def test_hf_norm_sites_are_found_and_shrink_saved_bytes(build):
+    name = build.__name__.lstrip("_")
+    op, found, rewritten = NORMS[name]
+    model, args = _prepare(build)
+    reports = []
+    ours = saved_bytes(model, "approxbp", *args, reports=reports)
+    theirs = saved_bytes(model, "inductor", *args)
+    decisions = norm_sites(reports)
+    assert [d.site.op for d in decisions] == [op] * found
+    assert rewrites("share_norm_input") == rewritten
+    assert kept_exact("share_norm_input") == found - rewritten
+    for d in decisions:
+        if not d.rewritten:
+            assert d.reason == "no consumer saves the normalised output: nothing to share", d.reason
+        else:
+            assert d.saved_after < d.saved_before, (d.saved_after, d.saved_before)
     assert ours < theirs, (ours, theirs)

@@ -333,14 +333,16 @@ def _foreign_reader(readers: list[fx.Node], stats: list[fx.Node]) -> fx.Node | N
     another op's backward reading x (a linear fed by x as well) never does.
     Such a reader must keep the true x, so the site stays exact.
     """
+    # Backward may reach a statistic through forward views of it (autograd's
+    # saved detach(rsqrt) in undecomposed graphs), so views pass the taint on.
     tainted: set[fx.Node] = set()
-    stack = [u for s in stats for u in s.users if is_backward(u)]
+    stack = [u for s in stats for u in s.users if is_backward(u) or pw.is_view(u)]
     while stack:
         n = stack.pop()
         if n in tainted:
             continue
         tainted.add(n)
-        stack.extend(u for u in n.users if is_backward(u))
+        stack.extend(u for u in n.users if is_backward(u) or pw.is_view(u))
     for r in readers:
         frontier, seen, hit = [r], set(), False
         for _ in range(_OWN_READER_DEPTH):
