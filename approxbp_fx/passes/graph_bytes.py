@@ -36,12 +36,6 @@ def is_backward(node: fx.Node) -> bool:
     return node.meta.get("partitioner_tag") in ("is_backward", "must_be_in_backward")
 
 
-def _base(node: fx.Node) -> fx.Node:
-    while pw.is_view(node) and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def saved_tensors(
     bw: fx.GraphModule,
     joint: fx.GraphModule | None = None,
@@ -63,7 +57,8 @@ def saved_tensors(
         if n.name.startswith("tangents"):
             continue
         src = joint_nodes.get(n.name)
-        base = _base(src) if src is not None else n
+        # A view counts as the tensor it views.
+        base = [src, *pw.view_ancestors(src)][-1] if src is not None else n
         if base.op == "placeholder" and (static is None or base.name in static):
             continue
         b = nbytes(n.meta.get("val"))
