@@ -61,8 +61,16 @@ class GraphReport:
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    # The partitioner mutates its input (DCE, tags); each trial gets its own.
-    return copy.deepcopy(gm)
+    """A copy whose graph a trial may mutate (the partitioner DCEs and tags it).
+
+    Only the graph is copied; attributes (lifted constants) are shared. A
+    deepcopy of the module would clone real constant tensors while the
+    partitioner's FakeTensorMode is active, which torch refuses (seen on GPT-2
+    under PEFT: "set the storage of a tensor on device meta ... cpu").
+    """
+    out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    out.meta = dict(getattr(gm, "meta", {}))
+    return out
 
 
 def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[tuple[str, Site]]:

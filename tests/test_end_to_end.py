@@ -188,3 +188,27 @@ def test_bad_options_fail_clearly():
     fn = torch.compile(model, backend="approxbp", options={"bitz": 2})
     with pytest.raises(Exception, match="unknown approxbp option"):
         fn(torch.randn(*X))
+
+
+class _WithConstant(nn.Module):
+    """A tensor built in forward becomes a constant attribute of the joint graph
+    (GPT-2 under PEFT has one); the partitioner's trial copies must not clone it
+    under the FakeTensorMode it runs in."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(32), nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        mask = torch.tensor([1.0, 0.5] * 16)
+        return self.fc2(F.gelu(self.fc1(self.norm(x * mask))))
+
+
+@pytest.mark.parametrize("tier", ["aot_eager", "approxbp"])
+def test_graph_with_a_lifted_constant_compiles_and_is_rewritten(tier):
+    model = _WithConstant()
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    reports = []
+    compiled(model, tier, reports=reports)(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert {d.rule for r in reports for d in r.sites if d.rewritten} == {"save_act_codes", "share_norm_input"}
