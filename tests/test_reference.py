@@ -57,3 +57,98 @@ def test_saves_only_codes():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         approx_activation(x * 1.0, "gelu", 2)
     assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 250)]
+
+
+# --- MS-BP in eager form ---------------------------------------------------
+
+from torch import nn  # noqa: E402
+
+from approxbp_fx.measure import saved_activation_bytes  # noqa: E402
+from approxbp_fx.reference import MSNorm, ms_norm, swap_modules  # noqa: E402
+
+
+def _norm_ref(kind, x, w, b, ndim, eps):
+    shape = x.shape[-ndim:]
+    if kind == "layer_norm":
+        return torch.nn.functional.layer_norm(x, shape, w, b, eps)
+    return torch.nn.functional.rms_norm(x, shape, w, eps)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("ndim", [1, 2])
+@pytest.mark.parametrize("affine", [True, False])
+def test_ms_norm_matches_the_exact_norm_in_float64(kind, ndim, affine):
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 6, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    shape = x.shape[-ndim:]
+    # |γ| bounded away from 0: backward divides by it.
+    w = (torch.rand(shape, dtype=torch.float64) + 0.5).requires_grad_(True) if affine else None
+    b = torch.randn(shape, dtype=torch.float64).requires_grad_(True) if affine and kind == "layer_norm" else None
+    y = ms_norm(x, kind, ndim, w, b, 1e-5)
+    want = _norm_ref(kind, x, w, b, ndim, 1e-5)
+    torch.testing.assert_close(y, want, rtol=1e-12, atol=1e-12)
+    ins = [t for t in (x, w, b) if t is not None]
+    go = torch.randn_like(y)
+    for got, exp in zip(torch.autograd.grad(y, ins, go), torch.autograd.grad(want, ins, go)):
+        torch.testing.assert_close(got, exp, rtol=1e-10, atol=1e-10)
+
+
+def test_ms_norm_bf16_gradient_is_close_to_exact():
+    torch.manual_seed(0)
+    x32 = torch.randn(64, 256)
+    ln = nn.LayerNorm(256)
+    x = x32.bfloat16().requires_grad_(True)
+    y = ms_norm(x, "layer_norm", 1, ln.weight, ln.bias)
+    assert y.dtype == torch.bfloat16
+    g = torch.randn(64, 256)
+    (gx,) = torch.autograd.grad(y, x, g.bfloat16())
+    xr = x32.bfloat16().float().requires_grad_(True)
+    (want,) = torch.autograd.grad(torch.nn.functional.layer_norm(xr, (256,), ln.weight, ln.bias), xr, g.bfloat16().float())
+    cos = torch.nn.functional.cosine_similarity(gx.float().flatten(), want.flatten(), dim=0)
+    assert cos > 0.999
+
+
+def test_ms_norm_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind must be"):
+        ms_norm(torch.randn(2, 3), "batch_norm", 1)
+
+
+class _Block(nn.Module):
+    def __init__(self, d=64):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1, self.act, self.fc2 = nn.Linear(d, 3 * d), nn.GELU(), nn.Linear(3 * d, d)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+@pytest.mark.parametrize("dtype,autocast", [(torch.bfloat16, False), (torch.float32, True)], ids=["bf16", "autocast"])
+def test_swap_modules_shares_the_norm_output_and_saves_codes(dtype, autocast):
+    torch.manual_seed(0)
+    model = _Block().to(dtype)
+    x = torch.randn(2, 37, 64, dtype=dtype, requires_grad=True)
+    params_before = list(model.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        plain = saved_activation_bytes(model, x)
+        assert swap_modules(model) == {"layer_norm": 1, "gelu": 1}
+        swapped = saved_activation_bytes(model, x)
+    # The same Parameter objects: an optimiser built before the swap still trains them.
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params_before]
+    assert isinstance(model.norm, MSNorm)
+    tokens, d = 2 * 37, 64
+    # Saved after the swap: the norm output (bf16, shared with fc1), r (fp32 a row),
+    # fc1's output codes (2 bits), the GELU output (bf16, fc2's input).
+    want = tokens * d * 2 + tokens * 4 + tokens * 3 * d // 4 + tokens * 3 * d * 2
+    assert swapped == want
+    assert swapped < plain
+
+
+def test_swap_modules_recognises_hf_classes():
+    from transformers.activations import ACT2FN
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    model = nn.Sequential(ACT2FN["gelu_new"], ACT2FN["silu"], ACT2FN["gelu"], LlamaRMSNorm(8), nn.RMSNorm(8), nn.ReLU())
+    assert swap_modules(model) == {"gelu_tanh": 1, "silu": 1, "gelu": 1, "rms_norm": 2}
+    assert isinstance(model[5], nn.ReLU)
+    assert model[3].eps == pytest.approx(1e-6)
