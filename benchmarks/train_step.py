@@ -1,0 +1,254 @@
+"""End-to-end training steps: every model x scenario x precision x backend.
+
+    python benchmarks/train_step.py --tag h100                  # the GPU grid (CUDA)
+    python benchmarks/train_step.py --tag cpu --device cpu --layers 2 --width-div 4 --vocab 4096 \
+        --batch 2 --seq 63 --steps 0 --warmup 1                 # saved bytes only, on CPU
+
+A step is forward, backward and an AdamW step over the trainable parameters.
+Each cell measures:
+
+* saved activation bytes of one step (``approxbp_fx.measure``; device-independent);
+* on CUDA: peak memory (``torch.cuda.max_memory_allocated``, reset after
+  warm-up), the median of ``--steps`` CUDA-synchronised steps, tokens or images
+  per second, and compile time (the first step's time less a median step).
+
+Backends are the peers a user could pick instead: eager; inductor default;
+inductor with pointwise recompute (``ban_recompute_materialized_backward=False``);
+inductor with ``activation_memory_budget=0.5``; the paper's method applied eagerly
+by module swaps (``approxbp_fx.reference.swap_modules``); and approxbp.
+
+Results go to ``docs/results/train_step_<tag>.json`` after every cell (a killed
+run keeps what it measured; ``--resume`` skips cells already there), and
+``docs/benchmarks.md`` is rendered from every ``train_step_*.json`` present,
+with a PNG chart per tag when matplotlib is installed (the ``bench`` extra).
+Caches are off, so every backend pays a cold compile. Exits 1 if a cell failed
+with anything but running out of memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import itertools
+import json
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _models import MODELS, SCENARIOS, apply_scenario  # noqa: E402
+from _report import ROOT, provenance  # noqa: E402
+
+from approxbp_fx.measure import saved_activation_bytes  # noqa: E402
+from approxbp_fx.reference import swap_modules  # noqa: E402
+
+PRECISIONS = ("bf16", "amp")
+BACKENDS = ("eager", "inductor", "inductor_recompute", "inductor_budget0.5", "reference_eager", "approxbp")
+# Peers that recompute no matmul: approxbp's peak must beat each of them.
+NO_MATMUL_RECOMPUTE = ("eager", "inductor", "inductor_recompute")
+
+
+def _functorch_patches(backend: str):
+    from torch._functorch import config as fc
+
+    if backend == "inductor_recompute":
+        return fc.patch(ban_recompute_materialized_backward=False)
+    if backend == "inductor_budget0.5":
+        return fc.patch(activation_memory_budget=0.5)
+    return contextlib.nullcontext()
+
+
+def _compile(model, backend: str):
+    if backend in ("eager", "reference_eager"):
+        return model
+    if backend == "approxbp":
+        return torch.compile(model, backend="approxbp")  # by name: the entry point users rely on
+    return torch.compile(model, backend="inductor")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_cell(model_name: str, scenario: str, precision: str, backend: str, args) -> dict:
+    """One cell, measured; raises on failure (the caller records it)."""
+    from torch._dynamo.utils import counters
+
+    spec = MODELS[model_name]
+    device = torch.device(args.device)
+    batch = args.batch or spec.batch
+    seq = spec.seq if spec.unit == "images" else (args.seq or spec.seq)
+    torch.manual_seed(0)
+    model = apply_scenario(spec.build(args.layers, args.vocab, args.width_div), spec, scenario).to(device)
+    amp = precision == "amp"
+    if not amp:
+        model = model.to(torch.bfloat16)
+    model.train()
+    row: dict = {"batch": batch, "seq": seq}
+    if backend == "reference_eager":
+        row["swapped"] = swap_modules(model)
+    fn = _compile(model, backend)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5)
+    inputs = spec.inputs(model.config, batch, seq, torch.float32 if amp else torch.bfloat16, device,
+                         torch.Generator().manual_seed(1))
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+
+    def step() -> None:
+        with autocast():
+            loss = fn(**inputs).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    counters.clear()
+    with _functorch_patches(backend):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        first = time.perf_counter() - t0
+        for _ in range(args.warmup - 1):
+            step()
+        with autocast():
+            row["saved_bytes"] = saved_activation_bytes(fn, params=model, loss_fn=lambda out: out.loss, **inputs)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if backend == "approxbp":
+            row["rewritten"] = {k: v for k, v in counters["approxbp"].items() if v}
+        if args.steps:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+                row["static_bytes"] = torch.cuda.memory_allocated(device)  # weights, grads-free, optimiser state
+            times = []
+            for _ in range(args.steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            row["step_s"] = statistics.median(times)
+            row["throughput"] = batch * (1 if spec.unit == "images" else seq) / row["step_s"]
+            row["unit"] = f"{spec.unit}/s"
+            row["compile_s"] = max(first - row["step_s"], 0.0)
+            if device.type == "cuda":
+                row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    return row
+
+
+def _cell_key(m, s, p, b) -> str:
+    return f"{m}|{s}|{p}|{b}"
+
+
+def _meta(args, argv) -> tuple[dict, str]:
+    meta, command = provenance("train_step.py", argv)
+    try:
+        import triton
+
+        meta["triton"] = triton.__version__
+    except ImportError:
+        meta["triton"] = None
+    import transformers
+    import peft
+
+    meta.update(transformers=transformers.__version__, peft=peft.__version__, device=args.device,
+                layers=args.layers, vocab=args.vocab, width_div=args.width_div, steps=args.steps, warmup=args.warmup, threads=torch.get_num_threads())
+    if torch.device(args.device).type == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name(args.device)
+        meta["cuda"] = torch.version.cuda
+        meta["copy_bandwidth_GBps"] = _copy_bandwidth(torch.device(args.device))
+        meta["machine"] = meta["gpu"]
+    return meta, command
+
+
+def _copy_bandwidth(device: torch.device) -> float:
+    """Measured device-to-device copy bandwidth, GB/s (bytes read + written)."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        dst.copy_(src)
+    _sync(device)
+    return round(2 * src.numel() * 20 / (time.perf_counter() - t0) / 1e9, 1)
+
+
+def _run_grid(args, cells: dict, path: Path, meta: dict, command: str) -> bool:
+    """Measure every requested cell not already in ``cells``, saving after each; True if one failed."""
+    failed = False
+    for m, s, prec, b in itertools.product(args.models, args.scenarios, args.precisions, args.backends):
+        key = _cell_key(m, s, prec, b)
+        if key in cells and "error" not in cells[key]:
+            continue
+        torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        try:
+            row = run_cell(m, s, prec, b, args)
+        except torch.OutOfMemoryError:
+            row = {"error": "out of memory"}
+        except Exception as e:  # noqa: BLE001  (recorded, printed, and the exit code says so)
+            traceback.print_exc()
+            row = {"error": f"{type(e).__name__}: {e}"[:500]}
+            failed = True
+        cells[key] = {"model": m, "scenario": s, "precision": prec, "backend": b, **row}
+        print(json.dumps(cells[key]), flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"meta": meta, "command": command, "cells": cells}, indent=1) + "\n")
+    return failed
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tag", required=True, help="names the results file, e.g. h100, cpu")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    p.add_argument("--layers", type=int, default=None, help="override the depth (default: the published one)")
+    p.add_argument("--vocab", type=int, default=None, help="override the text models' vocabulary (default: theirs)")
+    p.add_argument("--width-div", type=int, default=1, help="divide every width by this (CPU runs; default 1)")
+    p.add_argument("--batch", type=int, default=None, help="override every model's batch")
+    p.add_argument("--seq", type=int, default=None, help="override the text models' sequence length")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per cell (0: saved bytes only)")
+    p.add_argument("--warmup", type=int, default=3, help="steps before measuring (the first compiles)")
+    p.add_argument("--resume", action="store_true", help="keep cells already in the results file")
+    p.add_argument("--no-render", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="results/ and benchmarks.md go here")
+    args = p.parse_args(argv)
+    if args.warmup < 1:
+        p.error("--warmup must be at least 1: the first step compiles")
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device; pass --device cpu (saved bytes only)")
+
+    from torch._functorch import config as fc
+    from torch._inductor import config as ic
+
+    path = args.out_dir / "results" / f"train_step_{args.tag}.json"
+    meta, command = _meta(args, argv)
+    cells: dict[str, dict] = {}
+    if args.resume and path.exists():
+        cells = json.loads(path.read_text())["cells"]
+    # Cold compiles for every backend, and no cached graph crossing between backends.
+    with ic.patch(fx_graph_cache=False), fc.patch(enable_autograd_cache=False), \
+            torch._dynamo.config.patch(cache_size_limit=64):
+        failed = _run_grid(args, cells, path, meta, command)
+    if not args.no_render:
+        from _render_train_step import render_all
+
+        render_all(args.out_dir / "results", args.out_dir)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

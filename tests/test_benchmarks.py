@@ -1,0 +1,58 @@
+"""The benchmark scripts still run and write what docs/ is rendered from.
+
+Not timed tests: tiny shapes, CPU, and assertions on the structure and the
+one device-independent figure (saved bytes), never on speed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def bench_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def load(name):
+        sys.modules.pop(name, None)
+        return importlib.import_module(name)
+
+    return load
+
+
+def test_train_step_harness_writes_results_and_renders(tmp_path, bench_module):
+    pytest.importorskip("peft")
+    train_step = bench_module("train_step")
+    rc = train_step.main([
+        "--tag", "t", "--device", "cpu", "--models", "gpt2-124m", "--scenarios", "lora_qv",
+        "--precisions", "bf16", "--backends", "eager", "inductor", "reference_eager", "approxbp",
+        "--layers", "1", "--vocab", "512", "--batch", "2", "--seq", "15", "--steps", "1", "--warmup", "1",
+        "--out-dir", str(tmp_path),
+    ])
+    assert rc == 0
+    cells = json.loads((tmp_path / "results" / "train_step_t.json").read_text())["cells"]
+    by = {c["backend"]: c for c in cells.values()}
+    assert set(by) == {"eager", "inductor", "reference_eager", "approxbp"}
+    assert all("error" not in c for c in by.values())
+    assert by["approxbp"]["saved_bytes"] < by["inductor"]["saved_bytes"] <= by["eager"]["saved_bytes"]
+    assert by["approxbp"]["rewritten"]["save_act_codes"] == 1
+    assert by["reference_eager"]["swapped"] == {"layer_norm": 3, "gelu_tanh": 1}
+    assert by["reference_eager"]["saved_bytes"] < by["eager"]["saved_bytes"]
+    md = (tmp_path / "benchmarks.md").read_text()
+    assert "| gpt2-124m | lora_qv | bf16 |" in md and "Saved activation bytes" in md
+
+
+def test_kernel_microbenchmark_runs_on_cpu(tmp_path, bench_module):
+    kernels = bench_module("kernels")
+    assert kernels.main(["--tag", "t", "--device", "cpu", "--sizes", "8192", "--iters", "1", "--out-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results" / "kernels_t.json").read_text())["rows"]
+    assert {r["kernel"] for r in rows} == {"act_pack", "code_grad", "layer_norm_bwd", "rms_norm_bwd"}
+    assert all(r["s"] > 0 and r["bytes"] > 0 for r in rows)
+    assert "| act_pack | approxbp |" in (tmp_path / "kernels.md").read_text()
