@@ -11,6 +11,9 @@ from pathlib import Path
 
 from . import kernels  # noqa: F401  (registers the approxbp:: custom ops)
 
+# auto-apply
+from .auto import disable, enable, is_enabled
+
 # backend
 from .backend import approxbp, backend
 
@@ -23,6 +26,10 @@ from .explain import Explanation, explain
 from .measure import saved_activation_bytes
 
 __all__ = [
+    # auto-apply
+    "enable",
+    "disable",
+    "is_enabled",
     # backend
     "backend",
     "approxbp",

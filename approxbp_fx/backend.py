@@ -59,8 +59,12 @@ def backend(
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        # Measure against, and delegate to, whatever partitioner the user set.
+        # Measure against, and delegate to, whatever partitioner the user set;
+        # under approxbp_fx.enable() that is the one enable() wrapped, so the
+        # rewrite runs once, with this backend's config.
         inner = inductor_config.custom_partitioner_fn
+        if isinstance(inner, ApproxBPPartitioner):
+            inner = inner.inner
         partitioner = ApproxBPPartitioner(cfg, inner=inner, on_report=on_report)
         return compile_fx(gm, example_inputs, config_patches={**patches, "custom_partitioner_fn": partitioner})
 

@@ -1,0 +1,135 @@
+"""Auto-apply: plain ``torch.compile(model)`` gets the rewrite, with no edit to the script.
+
+:func:`enable` installs :class:`~approxbp_fx.partition.ApproxBPPartitioner`
+as inductor's ``custom_partitioner_fn`` (the hook that receives the joint
+forward+backward graph and returns the forward and backward graphs), wrapping
+whatever partitioner was installed before: that one still partitions, and
+the rewrite is measured against it. :func:`disable` puts the previous value
+back. Both act on compiles that start afterwards; graphs already compiled keep
+what they were compiled with.
+
+Without touching the script::
+
+    APPROXBP_FX_AUTO=1 python train.py            # defaults
+    APPROXBP_FX_AUTO="bits=3,share_norm_input=0" python train.py   # ApproxBPConfig fields
+    APPROXBP_FX_AUTO="activations=gelu+silu" python train.py        # sets: "+"-separated
+
+The variable is read when ``import torch`` runs: approxbp-fx registers a
+``torch.backends`` entry point (the top-level module ``approxbp_fx_autoload``),
+which torch calls at the end of its import unless
+``TORCH_DEVICE_BACKEND_AUTOLOAD=0``. With the variable unset or ``0`` that call
+imports nothing. A bad value fails ``import torch`` with the reason: a typo
+must not train silently without the rewrite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from .config import ApproxBPConfig
+
+__all__ = ["enable", "disable", "is_enabled", "enable_from_env", "config_from_env", "ENV_VAR"]
+
+ENV_VAR = "APPROXBP_FX_AUTO"
+
+# Values of custom_partitioner_fn that enable() replaced, innermost first.
+_previous: list[Any] = []
+
+
+def enable(config: ApproxBPConfig | None = None) -> None:
+    """Make every later inductor compile (``torch.compile(model)``) run the rewrite.
+
+    Calling it again replaces the config, keeping the partitioner that was
+    there before the first call as the inner one.
+    """
+    from torch._inductor import config as inductor_config
+
+    from .partition import ApproxBPPartitioner
+
+    cfg = config if config is not None else ApproxBPConfig()
+    if not isinstance(cfg, ApproxBPConfig):
+        raise TypeError(f"enable(config=...) expects an ApproxBPConfig, got {type(cfg).__name__}")
+    current = inductor_config.custom_partitioner_fn
+    if not isinstance(current, ApproxBPPartitioner) or not _previous:
+        _previous.append(current)
+        inner = current
+    else:
+        inner = current.inner
+    inductor_config.custom_partitioner_fn = ApproxBPPartitioner(cfg, inner=inner)
+
+
+def disable() -> None:
+    """Undo :func:`enable`: inductor's partitioner hook is what it was before."""
+    from torch._inductor import config as inductor_config
+
+    from .partition import ApproxBPPartitioner
+
+    if not _previous:
+        return
+    current = inductor_config.custom_partitioner_fn
+    if not isinstance(current, ApproxBPPartitioner):
+        # Someone installed their own partitioner on top of ours since: keep
+        # theirs rather than clobber it, and say so.
+        raise RuntimeError(
+            "approxbp_fx.disable(): inductor's custom_partitioner_fn was replaced after enable() "
+            f"(now {current!r}); restore it yourself, or call disable() before installing it"
+        )
+    inductor_config.custom_partitioner_fn = _previous.pop()
+
+
+def is_enabled() -> bool:
+    from torch._inductor import config as inductor_config
+
+    from .partition import ApproxBPPartitioner
+
+    return isinstance(inductor_config.custom_partitioner_fn, ApproxBPPartitioner)
+
+
+def config_from_env(value: str) -> ApproxBPConfig | None:
+    """The config that ``APPROXBP_FX_AUTO=value`` asks for; None for off.
+
+    ``""``/``0``/``false``/``off``: off. ``1``/``true``/``on``: defaults.
+    Otherwise ``key=value`` pairs separated by commas, e.g. ``bits=3,share_norm_input=0``.
+    """
+    v = value.strip()
+    if v.lower() in ("", "0", "false", "off", "no"):
+        return None
+    if v.lower() in ("1", "true", "on", "yes"):
+        return ApproxBPConfig()
+    options: dict[str, Any] = {}
+    for item in v.split(","):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{ENV_VAR}={value!r}: expected 1, 0 or key=value pairs separated by commas")
+        options[key.strip()] = _parse(key.strip(), raw.strip())
+    return ApproxBPConfig.from_options(options)
+
+
+def _parse(key: str, raw: str) -> Any:
+    """An option's value from its text, by the type of the field's default."""
+    fields = {f.name: f for f in dataclasses.fields(ApproxBPConfig)}
+    if key not in fields:
+        return raw  # from_options names the valid keys
+    default = ApproxBPConfig().__getattribute__(key)
+    if isinstance(default, bool):
+        if raw.lower() not in ("0", "1", "true", "false"):
+            raise ValueError(f"{ENV_VAR}: {key} takes 0/1/true/false, got {raw!r}")
+        return raw.lower() in ("1", "true")
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, frozenset):  # activations: gelu+silu
+        names = [n for n in raw.split("+") if n]
+        return frozenset(getattr(torch, n) for n in names) if key == "dtypes" else frozenset(names)
+    return raw
+
+
+def enable_from_env() -> bool:
+    """:func:`enable` as ``APPROXBP_FX_AUTO`` asks; True if it did."""
+    cfg = config_from_env(os.environ.get(ENV_VAR, ""))
+    if cfg is not None:
+        enable(cfg)
+    return cfg is not None
