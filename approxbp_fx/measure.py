@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["saved_activation_bytes", "default_loss"]
+__all__ = ["saved_activation_bytes", "count_saved_bytes", "default_loss"]
 
 
 def default_loss(out: Any) -> torch.Tensor:
@@ -27,6 +27,47 @@ def default_loss(out: Any) -> torch.Tensor:
     if not leaves:
         raise ValueError("the model returned no floating tensor that requires grad; pass loss_fn=")
     return sum(t.float().sum() for t in leaves)
+
+
+class count_saved_bytes:
+    """Context manager: bytes saved for backward by everything run inside it.
+
+    For code that runs forward and backward itself (a Trainer's
+    ``training_step``); :func:`saved_activation_bytes` wraps one call.
+
+    Example::
+
+        with count_saved_bytes(model) as counter:
+            loss = model(**batch).loss
+        loss.backward()
+        print(counter.total)
+    """
+
+    def __init__(self, params: nn.Module | None = None) -> None:
+        plist = list(params.parameters()) if params is not None else []
+        self._param_ptrs = {p.untyped_storage().data_ptr() for p in plist}
+        self._param_shapes = {tuple(p.shape) for p in plist}
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self._param_ptrs or tuple(t.shape) in self._param_shapes or ptr == 0:
+            return t
+        self._seen[ptr] = max(self._seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    @property
+    def total(self) -> int:
+        return sum(self._seen.values())
+
+    def __enter__(self) -> "count_saved_bytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
 
 
 def saved_activation_bytes(
@@ -46,21 +87,8 @@ def saved_activation_bytes(
         backward: run backward afterwards (frees the graph and proves it works).
     """
     module = params if params is not None else (fn if isinstance(fn, nn.Module) else None)
-    plist = list(module.parameters()) if module is not None else []
-    param_ptrs = {p.untyped_storage().data_ptr() for p in plist}
-    param_shapes = {tuple(p.shape) for p in plist}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr in param_ptrs or tuple(t.shape) in param_shapes or ptr == 0:
-            return t
-        seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with count_saved_bytes(module) as counter:
         out = fn(*args, **kwargs)
     if backward:
         loss_fn(out).backward()
-    return sum(seen.values())
+    return counter.total
