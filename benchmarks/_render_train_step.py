@@ -83,7 +83,8 @@ def render_run(tag: str, data: dict, chart: str | None) -> list[str]:
     meta, cells = data["meta"], data["cells"]
     keys, rows = _grid(cells)
     backends = _present(rows)
-    first = next(iter(cells.values()))
+    text_cells = [c for c in cells.values() if c["model"] != "vit-b16"] or list(cells.values())
+    first = text_cells[0]
     depth = f"{meta['layers']} layers" if meta.get("layers") else "published depth"
     if meta.get("width_div", 1) > 1:
         depth += f", every width (hidden, MLP, heads; not the head dimension) divided by {meta['width_div']}"
@@ -93,7 +94,8 @@ def render_run(tag: str, data: dict, chart: str | None) -> list[str]:
     out = [
         f"## Run `{tag}`: {meta['machine']}",
         "",
-        f"Produced by `{data['command']}` on {meta['date']} ({versions}). Raw figures: "
+        f"Produced by {' then '.join(f'`{c}`' for c in data.get('commands', [data['command']]))} "
+        f"on {meta['date']} ({versions}). Raw figures: "
         f"`docs/results/train_step_{tag}.json`. Models at {depth}; batch {first.get('batch', '?')}, "
         f"sequence {first.get('seq', '?')} (ViT: 197 patches).",
         "",

@@ -181,7 +181,7 @@ def _copy_bandwidth(device: torch.device) -> float:
     return round(2 * src.numel() * 20 / (time.perf_counter() - t0) / 1e9, 1)
 
 
-def _run_grid(args, cells: dict, path: Path, meta: dict, command: str) -> bool:
+def _run_grid(args, cells: dict, path: Path, meta: dict, commands: list[str]) -> bool:
     """Measure every requested cell not already in ``cells``, saving after each; True if one failed."""
     failed = False
     for m, s, prec, b in itertools.product(args.models, args.scenarios, args.precisions, args.backends):
@@ -203,7 +203,8 @@ def _run_grid(args, cells: dict, path: Path, meta: dict, command: str) -> bool:
         cells[key] = {"model": m, "scenario": s, "precision": prec, "backend": b, **row}
         print(json.dumps(cells[key]), flush=True)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"meta": meta, "command": command, "cells": cells}, indent=1) + "\n")
+        record = {"meta": meta, "command": commands[-1], "commands": commands, "cells": cells}
+        path.write_text(json.dumps(record, indent=1) + "\n")
     return failed
 
 
@@ -237,12 +238,15 @@ def main(argv=None) -> int:
     path = args.out_dir / "results" / f"train_step_{args.tag}.json"
     meta, command = _meta(args, argv)
     cells: dict[str, dict] = {}
+    commands = [command]
     if args.resume and path.exists():
-        cells = json.loads(path.read_text())["cells"]
+        old = json.loads(path.read_text())
+        cells = old["cells"]
+        commands = old.get("commands", [old["command"]]) + commands
     # Cold compiles for every backend, and no cached graph crossing between backends.
     with ic.patch(fx_graph_cache=False), fc.patch(enable_autograd_cache=False), \
             torch._dynamo.config.patch(cache_size_limit=64):
-        failed = _run_grid(args, cells, path, meta, command)
+        failed = _run_grid(args, cells, path, meta, commands)
     if not args.no_render:
         from _render_train_step import render_all
 
