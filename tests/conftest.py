@@ -173,3 +173,17 @@ def no_autograd_cache():
 
     with functorch_config.patch(enable_autograd_cache=False):
         yield
+
+
+@pytest.fixture
+def partitioner_hook(no_autograd_cache):
+    """Inductor's custom_partitioner_fn and approxbp_fx.enable()'s memory, put
+    back after the test whatever it installed."""
+    from torch._inductor import config as inductor_config
+
+    import approxbp_fx.auto
+
+    before = inductor_config.custom_partitioner_fn
+    yield
+    approxbp_fx.auto._previous.clear()
+    inductor_config.custom_partitioner_fn = before

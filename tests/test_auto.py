@@ -14,7 +14,6 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 import approxbp_fx
-import approxbp_fx.auto
 from approxbp_fx import ApproxBPConfig
 from approxbp_fx.auto import config_from_env
 from approxbp_fx.partition import ApproxBPPartitioner
@@ -23,12 +22,7 @@ from tests.conftest import MLP, rewrites
 X = (5, 29, 64)
 
 
-@pytest.fixture(autouse=True)
-def restore_hook(no_autograd_cache):
-    before = inductor_config.custom_partitioner_fn
-    yield
-    approxbp_fx.auto._previous.clear()
-    inductor_config.custom_partitioner_fn = before
+pytestmark = pytest.mark.usefixtures("partitioner_hook")
 
 
 def _bytes(model, x, backend="inductor"):

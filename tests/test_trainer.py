@@ -7,20 +7,12 @@ import pytest
 import torch
 
 import approxbp_fx
-import approxbp_fx.auto
 from approxbp_fx.measure import count_saved_bytes
 
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True)
-def _clean(no_autograd_cache):
-    from torch._inductor import config as inductor_config
-
-    before = inductor_config.custom_partitioner_fn
-    yield
-    approxbp_fx.auto._previous.clear()
-    inductor_config.custom_partitioner_fn = before
+pytestmark = pytest.mark.usefixtures("partitioner_hook")
 
 
 def _gpt2():
