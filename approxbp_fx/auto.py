@@ -29,12 +29,11 @@ import os
 from typing import Any
 
 import torch
+from approxbp_fx_autoload import ENV_VAR, OFF
 
 from .config import ApproxBPConfig
 
 __all__ = ["enable", "disable", "is_enabled", "enable_from_env", "config_from_env", "ENV_VAR"]
-
-ENV_VAR = "APPROXBP_FX_AUTO"
 
 # Values of custom_partitioner_fn that enable() replaced, innermost first.
 _previous: list[Any] = []
@@ -96,7 +95,7 @@ def config_from_env(value: str) -> ApproxBPConfig | None:
     Otherwise ``key=value`` pairs separated by commas, e.g. ``bits=3,share_norm_input=0``.
     """
     v = value.strip()
-    if v.lower() in ("", "0", "false", "off", "no"):
+    if v.lower() in OFF:
         return None
     if v.lower() in ("1", "true", "on", "yes"):
         return ApproxBPConfig()
@@ -111,10 +110,9 @@ def config_from_env(value: str) -> ApproxBPConfig | None:
 
 def _parse(key: str, raw: str) -> Any:
     """An option's value from its text, by the type of the field's default."""
-    fields = {f.name: f for f in dataclasses.fields(ApproxBPConfig)}
-    if key not in fields:
+    if key not in {f.name for f in dataclasses.fields(ApproxBPConfig)}:
         return raw  # from_options names the valid keys
-    default = ApproxBPConfig().__getattribute__(key)
+    default = getattr(ApproxBPConfig(), key)
     if isinstance(default, bool):
         if raw.lower() not in ("0", "1", "true", "false"):
             raise ValueError(f"{ENV_VAR}: {key} takes 0/1/true/false, got {raw!r}")

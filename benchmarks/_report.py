@@ -13,16 +13,29 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def provenance(script: str, argv: list[str] | None) -> tuple[dict, str]:
-    """``(meta, command)``: versions, machine and date, and the command line that reproduces the run."""
+def provenance(script: str, argv: list[str] | None, device: str = "cpu") -> tuple[dict, str]:
+    """``(meta, command)``: versions, machine and date, and the command line that reproduces the run.
+
+    On a CUDA ``device`` the machine is the GPU's name, and the CUDA version is recorded.
+    """
     args = argv if argv is not None else sys.argv[1:]
     command = f"python benchmarks/{script}" + (" " + " ".join(args) if args else "")
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
     meta = {
         "torch": torch.__version__,
+        "triton": triton_version,
         "python": platform.python_version(),
         "machine": f"{platform.machine()} CPU",
         "date": datetime.date.today().isoformat(),
     }
+    if torch.device(device).type == "cuda":
+        meta.update(machine=torch.cuda.get_device_name(device), gpu=torch.cuda.get_device_name(device),
+                    cuda=torch.version.cuda)
     return meta, command
 
 

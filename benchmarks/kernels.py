@@ -163,15 +163,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device")
-    meta, command = provenance("kernels.py", argv)
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
-    if device.type == "cuda":
-        meta["machine"] = torch.cuda.get_device_name(device)
+    meta, command = provenance("kernels.py", argv, args.device)
     meta["tag"] = args.tag
     meta["copy_GBps"] = copy_bandwidth(device, max(args.sizes) * 2, args.iters)
     rows = []

@@ -43,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _models import MODELS, SCENARIOS, apply_scenario  # noqa: E402
 from _report import ROOT, provenance  # noqa: E402
+from kernels import copy_bandwidth  # noqa: E402
 
 from approxbp_fx.measure import saved_activation_bytes  # noqa: E402
 from approxbp_fx.reference import swap_modules  # noqa: E402
@@ -147,38 +148,16 @@ def _cell_key(m, s, p, b) -> str:
 
 
 def _meta(args, argv) -> tuple[dict, str]:
-    meta, command = provenance("train_step.py", argv)
-    try:
-        import triton
-
-        meta["triton"] = triton.__version__
-    except ImportError:
-        meta["triton"] = None
-    import transformers
     import peft
+    import transformers
 
+    meta, command = provenance("train_step.py", argv, args.device)
     meta.update(transformers=transformers.__version__, peft=peft.__version__, device=args.device,
-                layers=args.layers, vocab=args.vocab, width_div=args.width_div, steps=args.steps, warmup=args.warmup, threads=torch.get_num_threads())
+                layers=args.layers, vocab=args.vocab, width_div=args.width_div, steps=args.steps,
+                warmup=args.warmup, threads=torch.get_num_threads())
     if torch.device(args.device).type == "cuda":
-        meta["gpu"] = torch.cuda.get_device_name(args.device)
-        meta["cuda"] = torch.version.cuda
-        meta["copy_bandwidth_GBps"] = _copy_bandwidth(torch.device(args.device))
-        meta["machine"] = meta["gpu"]
+        meta["copy_bandwidth_GBps"] = round(copy_bandwidth(torch.device(args.device), 1 << 28, 20), 1)
     return meta, command
-
-
-def _copy_bandwidth(device: torch.device) -> float:
-    """Measured device-to-device copy bandwidth, GB/s (bytes read + written)."""
-    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(20):
-        dst.copy_(src)
-    _sync(device)
-    return round(2 * src.numel() * 20 / (time.perf_counter() - t0) / 1e9, 1)
 
 
 def _run_grid(args, cells: dict, path: Path, meta: dict, commands: list[str]) -> bool:
