@@ -43,6 +43,15 @@ class ApproxBPConfig:
     # under autocast at twice the bytes. docs/saved_bytes.md has both measured.
     norm_share_dtype: str = "consumer"
 
+    # Partition with inductor's pointwise recompute allowed
+    # (torch._functorch.config.ban_recompute_materialized_backward=False), for
+    # the baseline and every trial alike. The partitioner may then save a
+    # GELU's input h and recompute gelu(h) for the next Linear's weight
+    # gradient (2 B/elt in bf16), which beats saving gelu(h) plus a code
+    # (2.25 B/elt); Approx-BP keeps the sites where the code alone suffices.
+    # Moves pointwise work into backward: docs/performance.md has both measured.
+    pointwise_recompute: bool = False
+
     # Which activations may be approximated; the others stay exact.
     activations: frozenset[str] = field(default_factory=lambda: frozenset(ACTIVATIONS))
 
@@ -53,7 +62,7 @@ class ApproxBPConfig:
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 4:
             raise ValueError(f"ApproxBPConfig.bits must be an int in 1..4, got {self.bits!r}")
-        for flag in ("save_act_codes", "share_norm_input"):
+        for flag in ("save_act_codes", "share_norm_input", "pointwise_recompute"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"ApproxBPConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.norm_share_dtype not in _NORM_SHARE_DTYPES:
@@ -93,6 +102,7 @@ class ApproxBPConfig:
             self.save_act_codes,
             self.share_norm_input,
             self.norm_share_dtype,
+            self.pointwise_recompute,
             tuple(sorted(self.activations)),
             tuple(sorted(str(d) for d in self.dtypes)),
         )

@@ -19,6 +19,7 @@ Costs one to three partitioner runs per compiled graph.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass, field
@@ -87,6 +88,15 @@ def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[tuple[str, Site]
     return [("save_act_codes", s) for s in acts] + [("share_norm_input", s) for s in norms]
 
 
+def _recompute_patch(cfg: ApproxBPConfig):
+    """``cfg.pointwise_recompute`` as functorch's config; a no-op when False (the user's setting stands)."""
+    if not cfg.pointwise_recompute:
+        return contextlib.nullcontext()
+    from torch._functorch import config as functorch_config
+
+    return functorch_config.patch(ban_recompute_materialized_backward=False)
+
+
 class ApproxBPPartitioner(CustomPartitionerFn):
     """Inductor's partitioner with our rewrites applied where they pay.
 
@@ -115,11 +125,14 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         return (get_hash_for_files(files), self.cfg.key(), inner)
 
     def _partition(self, gm, joint_inputs, kwargs):
-        if self.inner is not None:
-            return self.inner(gm, joint_inputs, **kwargs)
-        from torch._functorch.partitioners import min_cut_rematerialization_partition
+        # The baseline and every trial run under the same setting, so "never
+        # more than the baseline" holds against the partitioner actually used.
+        with _recompute_patch(self.cfg):
+            if self.inner is not None:
+                return self.inner(gm, joint_inputs, **kwargs)
+            from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-        return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+            return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         cfg = self.cfg

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-BACKENDS = ("eager", "inductor", "inductor_recompute", "inductor_budget0.5", "reference_eager", "approxbp")
+BACKENDS = ("eager", "inductor", "inductor_recompute", "inductor_budget0.5", "reference_eager", "approxbp",
+            "approxbp_recompute")
 COMPILED_NO_MATMUL_RECOMPUTE = ("inductor", "inductor_recompute")
 PAPER_CELL = ("vit-b16", "lora_qv", "amp")  # the paper: ViT-B/16, LoRA, AMP, batch 64: 3827 -> 2717 MiB
 MIB = 2**20

@@ -22,6 +22,7 @@ from approxbp_fx import ApproxBPConfig
         ({"activations": "gelu"}, TypeError, "not a single string"),
         ({"dtypes": {torch.float64}}, ValueError, "cannot be approximated"),
         ({"save_act_codes": 1}, TypeError, "must be a bool"),
+        ({"pointwise_recompute": "yes"}, TypeError, "must be a bool"),
     ],
 )
 def test_bad_config_values_fail_clearly(kwargs, error, match):
@@ -63,3 +64,4 @@ def test_partitioner_uuid_tracks_config():
     a = ApproxBPPartitioner(ApproxBPConfig(bits=2)).uuid()
     assert a == ApproxBPPartitioner(ApproxBPConfig(bits=2)).uuid()
     assert a != ApproxBPPartitioner(ApproxBPConfig(bits=3)).uuid()
+    assert a != ApproxBPPartitioner(ApproxBPConfig(pointwise_recompute=True)).uuid()
