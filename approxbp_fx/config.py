@@ -13,6 +13,7 @@ __all__ = ["ApproxBPConfig"]
 
 _REWRITABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NORM_SHARE_DTYPES = ("consumer", "input")
+_ACT_LOWERINGS = ("inductor", "kernels")
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,13 @@ class ApproxBPConfig:
     # Moves pointwise work into backward: docs/performance.md has both measured.
     pointwise_recompute: bool = False
 
+    # How the code-saving activations run once the graph is partitioned.
+    # "inductor": the pack and the code-driven gradient become aten ops that
+    # inductor generates and fuses with their neighbours (passes/lower_act_codes.py).
+    # "kernels": they stay calls of our custom ops (hand-written Triton on CUDA,
+    # torch on CPU), opaque to inductor. docs/kernels.md measures both.
+    act_lowering: str = "inductor"
+
     # Which activations may be approximated; the others stay exact.
     activations: frozenset[str] = field(default_factory=lambda: frozenset(ACTIVATIONS))
 
@@ -68,6 +76,10 @@ class ApproxBPConfig:
         if self.norm_share_dtype not in _NORM_SHARE_DTYPES:
             raise ValueError(
                 f"ApproxBPConfig.norm_share_dtype must be one of {_NORM_SHARE_DTYPES}, got {self.norm_share_dtype!r}"
+            )
+        if self.act_lowering not in _ACT_LOWERINGS:
+            raise ValueError(
+                f"ApproxBPConfig.act_lowering must be one of {_ACT_LOWERINGS}, got {self.act_lowering!r}"
             )
         # Accept any iterable of names but store a frozenset so the config stays hashable.
         if isinstance(self.activations, str):
@@ -103,6 +115,7 @@ class ApproxBPConfig:
             self.share_norm_input,
             self.norm_share_dtype,
             self.pointwise_recompute,
+            self.act_lowering,
             tuple(sorted(self.activations)),
             tuple(sorted(str(d) for d in self.dtypes)),
         )

@@ -30,7 +30,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from .config import ApproxBPConfig
-from .passes import RULES, save_act_codes, share_norm_input
+from .passes import RULES, lower_act_codes, save_act_codes, share_norm_input
 from .passes.graph_bytes import saved_tensors
 from .passes.save_act_codes import ActSite
 from .passes.share_norm_input import NormSite
@@ -201,6 +201,10 @@ class ApproxBPPartitioner(CustomPartitionerFn):
             chosen -= losers
         if not chosen:
             report.final_bytes = report.baseline_bytes
+        elif cfg.act_lowering == "inductor":
+            # The cut is made; from here the ops need not be opaque (lower_act_codes.py).
+            for g in result:
+                lower_act_codes.lower(g)
         report.sites = list(decisions.values())
         self._finish(report)
         return result

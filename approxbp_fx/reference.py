@@ -65,12 +65,16 @@ def packed_numel(numel, bits: int):
 
 
 def code_of(x: torch.Tensor, thresholds) -> torch.Tensor:
-    """``#{i : x > c_i}`` per element as uint8 (float32 comparison; NaN -> 0)."""
+    """``#{i : x > c_i}`` per element as uint8 (float32 comparison; NaN -> 0).
+
+    Functional (no in-place ops): :mod:`approxbp_fx.passes.lower_act_codes`
+    traces this very code into the graphs inductor compiles.
+    """
     xf = x.float()
-    code = torch.zeros(x.shape, dtype=torch.uint8, device=x.device)
-    for c in thresholds:
-        # Explicit compares, not bucketize: they fix NaN's code at 0, as the kernels do.
-        code += xf > float(c)
+    # Explicit compares, not bucketize: they fix NaN's code at 0, as the kernels do.
+    code = (xf > float(thresholds[0])).to(torch.uint8)
+    for c in thresholds[1:]:
+        code = code + (xf > float(c)).to(torch.uint8)
     return code
 
 
@@ -89,14 +93,21 @@ def pack_codes(x: torch.Tensor, thresholds, bits: int) -> torch.Tensor:
 
 
 def unpack_levels(codes: torch.Tensor, levels, bits: int, numel: int) -> torch.Tensor:
-    """float32 tensor of ``numel`` derivative levels, in row-major order."""
+    """float32 tensor of ``numel`` derivative levels, in row-major order.
+
+    The lookup is a ``where`` chain on Python floats rather than indexing a
+    table tensor: traced into a compiled graph (lower_act_codes) it needs no
+    constant buffer and stays one fusable pointwise expression.
+    """
     if len(levels) != 2**bits:
         raise ValueError(f"{bits}-bit codes need {2**bits} levels, got {len(levels)}")
     per = codes_per_byte(bits)
     shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
     idx = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
-    lut = torch.tensor(levels, dtype=torch.float32, device=codes.device)
-    return lut[idx.long()]
+    out = torch.full_like(idx, float(levels[-1]), dtype=torch.float32)
+    for j in range(len(levels) - 2, -1, -1):
+        out = torch.where(idx == j, float(levels[j]), out)
+    return out
 
 
 def step_derivative(x: torch.Tensor, tab: StepTable) -> torch.Tensor:

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 BACKENDS = ("eager", "inductor", "inductor_recompute", "inductor_budget0.5", "reference_eager", "approxbp",
-            "approxbp_recompute")
+            "approxbp_kernels", "approxbp_recompute")
 COMPILED_NO_MATMUL_RECOMPUTE = ("inductor", "inductor_recompute")
 PAPER_CELL = ("vit-b16", "lora_qv", "amp")  # the paper: ViT-B/16, LoRA, AMP, batch 64: 3827 -> 2717 MiB
 MIB = 2**20
@@ -48,12 +48,20 @@ def _table(title: str, note: str, keys, rows, backends, field: str, absolute) ->
 
 
 def _targets(keys, rows) -> list[str]:
-    """The issue's GPU targets, checked cell by cell."""
+    """The issue's GPU targets, checked cell by cell, for every approxbp variant that ran."""
     out = ["### Targets", ""]
-    slow, heavy, checked = [], [], 0
+    variants = [b for b in BACKENDS if b.startswith("approxbp") and any(b in rows[k] for k in keys)]
+    for variant in variants:
+        out += [f"`{variant}`:", ""] if len(variants) > 1 else []
+        out += _variant_targets(variant, keys, rows)
+    return out + [""]
+
+
+def _variant_targets(variant: str, keys, rows) -> list[str]:
+    out, slow, heavy, checked = [], [], [], 0
     for k in keys:
         r = rows[k]
-        ours, ind = r.get("approxbp"), r.get("inductor")
+        ours, ind = r.get(variant), r.get("inductor")
         if not ours or not ind or "step_s" not in ours or "step_s" not in ind:
             continue
         checked += 1
@@ -68,7 +76,7 @@ def _targets(keys, rows) -> list[str]:
     out.append("- Peak below inductor and inductor_recompute: "
                + ("every cell." if not heavy else f"not in {', '.join(heavy)}."))
     paper = rows.get(PAPER_CELL, {})
-    ours, eager = paper.get("approxbp"), paper.get("eager")
+    ours, eager = paper.get(variant), paper.get("eager")
     if ours and eager and "peak_bytes" in ours and "peak_bytes" in eager:
         cut = 1 - ours["peak_bytes"] / eager["peak_bytes"]
         out.append(
@@ -84,8 +92,13 @@ def render_run(tag: str, data: dict, chart: str | None) -> list[str]:
     meta, cells = data["meta"], data["cells"]
     keys, rows = _grid(cells)
     backends = _present(rows)
-    text_cells = [c for c in cells.values() if c["model"] != "vit-b16"] or list(cells.values())
-    first = text_cells[0]
+    # Each model runs at its own batch (and the text models at their sequence length).
+    shapes = {}
+    for c in cells.values():
+        if "batch" in c:
+            shapes.setdefault(c["model"], "197 patches" if c["model"] == "vit-b16" else f"sequence {c['seq']}")
+            shapes[c["model"]] = f"batch {c['batch']}, {shapes[c['model']].split(', ')[-1]}"
+    shape_text = "; ".join(f"{m}: {v}" for m, v in shapes.items()) or "no cell ran"
     depth = f"{meta['layers']} layers" if meta.get("layers") else "published depth"
     if meta.get("width_div", 1) > 1:
         depth += f", every width (hidden, MLP, heads; not the head dimension) divided by {meta['width_div']}"
@@ -97,8 +110,7 @@ def render_run(tag: str, data: dict, chart: str | None) -> list[str]:
         "",
         f"Produced by {' then '.join(f'`{c}`' for c in data.get('commands', [data['command']]))} "
         f"on {meta['date']} ({versions}). Raw figures: "
-        f"`docs/results/train_step_{tag}.json`. Models at {depth}; batch {first.get('batch', '?')}, "
-        f"sequence {first.get('seq', '?')} (ViT: 197 patches).",
+        f"`docs/results/train_step_{tag}.json`. Models at {depth}; {shape_text}.",
         "",
     ]
     if meta.get("copy_bandwidth_GBps"):

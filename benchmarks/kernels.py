@@ -6,10 +6,12 @@ and against the device's measured copy bandwidth.
 
 Rows, each at several sizes (elements of a bf16 tensor, rows of 4096 for norms):
 
-* ``act_pack``: our fused activation forward + 2-bit pack (reads x; writes y and
-  the codes), against inductor's ``gelu(x)`` (reads x, writes y; x itself is saved).
-* ``code_grad``: our unpack + gradient (reads dy and the codes, writes dx), against
-  inductor's ``gelu_backward(dy, x)`` (reads dy and x, writes dx).
+* ``act_pack``: activation forward + 2-bit pack (reads x; writes y and the codes),
+  as our Triton custom op and as inductor generates it from the op's torch code
+  (``act_lowering="inductor"``), against inductor's ``gelu(x)`` (reads x, writes y;
+  x itself is saved).
+* ``code_grad``: unpack + gradient (reads dy and the codes, writes dx), both ways,
+  against inductor's ``gelu_backward(dy, x)`` (reads dy and x, writes dx).
 * ``layer_norm_bwd`` / ``rms_norm_bwd``: inductor's generated norm backward as
   inductor partitions it (reads dy and x) and as approxbp's MS-BP rewrite feeds
   it (reads dy and the shared bf16 x̂, rebuilds x = x̂/r + μ in registers).
@@ -33,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import ROOT, provenance  # noqa: E402
 
 from approxbp_fx import table  # noqa: E402  (importing approxbp_fx registers the approxbp:: ops)
+from approxbp_fx.kernels.act_codes import act_pack_torch, code_grad_torch  # noqa: E402
 
 BF16 = torch.bfloat16
 HIDDEN = 4096  # norm rows
@@ -61,20 +64,28 @@ def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
 
 def _act_rows(n: int, device: torch.device, iters: int) -> list[dict]:
     tab = table("gelu", 2)
+    thr, lvl = list(tab.thresholds), list(tab.levels)
     x = torch.randn(n, device=device, dtype=BF16)
     dy = torch.randn_like(x)
     ops = torch.ops.approxbp
-    _, codes = ops.act_pack(x, "gelu", list(tab.thresholds), 2, BF16)
+    _, codes = ops.act_pack(x, "gelu", thr, 2, BF16)
     ind_fwd = torch.compile(lambda t: F.gelu(t), backend="inductor")
     ind_bwd = torch.compile(lambda g, t: torch.ops.aten.gelu_backward(g, t), backend="inductor")
+    # What act_lowering="inductor" hands inductor: the ops' torch code, generated and fused by it.
+    low_fwd = torch.compile(lambda t: act_pack_torch(t, "gelu", thr, 2, BF16), backend="inductor")
+    low_bwd = torch.compile(lambda g, c: code_grad_torch(g, c, lvl, 2, BF16), backend="inductor")
     e, c = 2 * n, codes.numel()
     return [
-        {"kernel": "act_pack", "impl": "approxbp", "numel": n, "bytes": 2 * e + c,
-         "s": _time(lambda: ops.act_pack(x, "gelu", list(tab.thresholds), 2, BF16), device, iters)},
+        {"kernel": "act_pack", "impl": "approxbp kernels (Triton op)", "numel": n, "bytes": 2 * e + c,
+         "s": _time(lambda: ops.act_pack(x, "gelu", thr, 2, BF16), device, iters)},
+        {"kernel": "act_pack", "impl": "approxbp lowered (inductor)", "numel": n, "bytes": 2 * e + c,
+         "s": _time(lambda: low_fwd(x), device, iters)},
         {"kernel": "act_pack", "impl": "inductor gelu(x)", "numel": n, "bytes": 2 * e,
          "s": _time(lambda: ind_fwd(x), device, iters)},
-        {"kernel": "code_grad", "impl": "approxbp", "numel": n, "bytes": 2 * e + c,
-         "s": _time(lambda: ops.code_grad(dy, codes, list(tab.levels), 2, BF16), device, iters)},
+        {"kernel": "code_grad", "impl": "approxbp kernels (Triton op)", "numel": n, "bytes": 2 * e + c,
+         "s": _time(lambda: ops.code_grad(dy, codes, lvl, 2, BF16), device, iters)},
+        {"kernel": "code_grad", "impl": "approxbp lowered (inductor)", "numel": n, "bytes": 2 * e + c,
+         "s": _time(lambda: low_bwd(dy, codes), device, iters)},
         {"kernel": "code_grad", "impl": "inductor gelu_backward", "numel": n, "bytes": 3 * e,
          "s": _time(lambda: ind_bwd(dy, x), device, iters)},
     ]

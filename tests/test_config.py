@@ -23,6 +23,7 @@ from approxbp_fx import ApproxBPConfig
         ({"dtypes": {torch.float64}}, ValueError, "cannot be approximated"),
         ({"save_act_codes": 1}, TypeError, "must be a bool"),
         ({"pointwise_recompute": "yes"}, TypeError, "must be a bool"),
+        ({"act_lowering": "triton"}, ValueError, "act_lowering must be one of"),
     ],
 )
 def test_bad_config_values_fail_clearly(kwargs, error, match):
@@ -65,3 +66,4 @@ def test_partitioner_uuid_tracks_config():
     assert a == ApproxBPPartitioner(ApproxBPConfig(bits=2)).uuid()
     assert a != ApproxBPPartitioner(ApproxBPConfig(bits=3)).uuid()
     assert a != ApproxBPPartitioner(ApproxBPConfig(pointwise_recompute=True)).uuid()
+    assert a != ApproxBPPartitioner(ApproxBPConfig(act_lowering="kernels")).uuid()
