@@ -206,8 +206,9 @@ class _ScaledSigmoidGELU(nn.Module):
     strict=True,
     reason="save_act_codes.find_sites: under dynamic=True dynamo lifts the float attribute beta "
     "to a 0-d graph input, so beta*x is no longer a function of x alone (pointwise.unary_closure) "
-    "and the activation is not found; the static compile rewrites it. Fix belongs in "
-    "passes/save_act_codes.py (treat 0-d graph-input scalars as constants when probing).",
+    "and no site is found; the static compile, or torch._dynamo.config.specialize_float=True, "
+    "rewrites it. beta's value is a runtime input, so it cannot simply be probed: the fix "
+    "(passes/save_act_codes.py) must guard on it or report the site as kept exact, not drop it.",
 )
 def test_activation_constant_lifted_by_dynamic_true_is_still_found():
     torch.manual_seed(0)
