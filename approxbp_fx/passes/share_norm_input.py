@@ -117,6 +117,21 @@ def _scalar(a) -> bool:
     return isinstance(a, (int, float)) and not isinstance(a, bool)
 
 
+def _eps(a) -> bool:
+    """A norm's epsilon: a Python number, or a lifted one.
+
+    Under ``torch.compile(dynamic=True)`` dynamo does not specialise float
+    attributes, so Hugging Face's ``self.variance_epsilon`` reaches the graph
+    as a 0-d tensor input (cast to fp32), not as a constant.
+    """
+    if _scalar(a):
+        return True
+    if not isinstance(a, fx.Node):
+        return False
+    v = pw.tensor_val(a)
+    return v is not None and v.dim() == 0 and _strip_casts(a).op == "placeholder"
+
+
 def _trailing_dims(node: fx.Node, dims) -> int | None:
     """How many trailing dims ``dims`` names (a keepdim reduction over the last k dims), else None."""
     nd = node.meta["val"].dim()
@@ -157,7 +172,7 @@ def _stat_of(rstd: fx.Node):
     if not isinstance(add, fx.Node) or add.target not in (aten.add.Tensor, aten.add.Scalar):
         return None
     v, eps = add.args[0], add.args[1]
-    if not isinstance(v, fx.Node) or not _scalar(eps):
+    if not isinstance(v, fx.Node) or not _eps(eps):
         return None
     if v.target is operator.getitem and v.args[1] == 0 and v.args[0].target is aten.var_mean.correction:
         vm = v.args[0]
@@ -305,7 +320,10 @@ def _classify(rstd: fx.Node, order, cfg: ApproxBPConfig) -> NormSite | None:
         return site.with_skip("ApproxBPConfig.share_norm_input is off")
     if xv.dtype not in cfg.dtypes:
         return site.with_skip(f"{xv.dtype} inputs stay exact (ApproxBPConfig.dtypes)")
-    if any(n.meta.get("recompute") is not None for n in [*full, *stat_nodes]):
+    # x itself may be the output of a checkpointed block (a pre-norm block
+    # after a checkpointed one): that tags x, not the norm, so look only at
+    # the nodes the norm computes.
+    if any(n.meta.get("recompute") is not None for n in [*full[1:], *stat_nodes]):
         return site.with_skip("inside an activation-checkpoint region")
 
     x_readers = [u for n in family for u in n.users if is_backward(u)]

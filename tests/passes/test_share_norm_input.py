@@ -463,3 +463,56 @@ def test_explain_lists_norm_sites():
     assert row.shape == X_SHAPE and row.dtype == torch.bfloat16
     assert exp.approxbp_bytes < exp.inductor_bytes
     assert "layer_norm" in str(exp)
+
+
+# --------------------------------------------------------------------------- dynamic shapes, checkpointing
+
+
+@pytest.mark.parametrize("form", ["LlamaRMSNorm", "T5LayerNorm"])
+def test_epsilon_lifted_by_dynamic_true_is_still_a_norm(form, monkeypatch):
+    # Under dynamic=True dynamo does not specialise float attributes, so HF's
+    # self.variance_epsilon arrives as a 0-d tensor input (cast to fp32), not
+    # a constant: rsqrt(mean(x²) + eps) must still read as an RMSNorm.
+    graphs = []
+    find = approxbp_fx.partition.find_sites
+    monkeypatch.setattr(approxbp_fx.partition, "find_sites", lambda gm, cfg: graphs.append(gm) or find(gm, cfg))
+    torch.manual_seed(0)
+    model = _randomise(NormBlock(NORM_FORMS[form][1](D)))
+    x, g = _x(), _x()
+    reports = []
+    backend = approxbp_fx.backend(compiler="aot_eager", on_report=reports.append)
+    xg = x.clone().requires_grad_(True)
+    (torch.compile(model, backend=backend, dynamic=True)(xg) * g).sum().backward()
+    got = [xg.grad, *(p.grad for p in model.parameters())]
+
+    (graph,) = graphs
+    (rstd,) = graph.graph.find_nodes(op="call_function", target=torch.ops.aten.rsqrt.default)
+    assert isinstance(rstd.args[0].args[1], torch.fx.Node), "eps was not lifted: this test no longer tests that"
+    assert [(d.site.op, d.rewritten) for d in norm_sites(reports)] == [("rms_norm", True)]
+    model.zero_grad(set_to_none=True)
+    assert _rel_err(got, _grads(model, "eager", x, g)) <= FP32_RTOL
+
+
+class _NormAfterCheckpoint(nn.Module):
+    """``fc(norm(checkpoint(first, x)))``: the norm's input is a checkpointed block's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.norm, self.fc = nn.Linear(D, D), nn.LayerNorm(D), nn.Linear(D, D)
+
+    def forward(self, x):
+        return self.fc(self.norm(torch.utils.checkpoint.checkpoint(self.first, x, use_reentrant=False)))
+
+
+def test_norm_reading_a_checkpoint_output_is_measured_not_skipped():
+    # The checkpoint tags its output, not the norm after it: the site is
+    # judged by the partitioner. That output is recomputed in backward anyway,
+    # so sharing x̂ saves nothing and the site stays exact, for that reason.
+    torch.manual_seed(0)
+    model = _randomise(_NormAfterCheckpoint())
+    x, g = _x(), _x()
+    reports = []
+    got = _grads(model, "aot_eager", x, g, reports=reports)
+    (d,) = norm_sites(reports)
+    assert not d.rewritten and d.reason.startswith(NO_GAIN), d.reason
+    assert _rel_err(got, _grads(model, "eager", x, g)) <= FP32_RTOL
