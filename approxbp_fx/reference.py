@@ -32,6 +32,7 @@ Example::
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .activations import exact_forward
@@ -84,9 +85,10 @@ def pack_codes(x: torch.Tensor, thresholds, bits: int) -> torch.Tensor:
         raise ValueError(f"{bits}-bit codes need {2**bits - 1} thresholds, got {len(thresholds)}")
     per = codes_per_byte(bits)
     flat = code_of(x.reshape(-1), thresholds).to(torch.int32)
-    pad = (-flat.numel()) % per
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
+    # Always pad, never branch on the pad or build a pad-sized tensor: traced on
+    # symbolic sizes (lower_act_codes) either would guard on numel % per and
+    # recompile as the length varies.
+    flat = F.pad(flat, (0, (-flat.numel()) % per))
     shifts = torch.arange(per, device=x.device, dtype=torch.int32) * bits
     # Bit fields do not overlap, so the sum is the bitwise or.
     return (flat.view(-1, per) << shifts).sum(dim=1).to(torch.uint8)
