@@ -9,6 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ._compat import check_torch_version
+
+# First, before anything touches torch's internals: an unsupported torch fails
+# here with the version and the supported range, not later inside a compile.
+check_torch_version()
+
 from . import kernels  # noqa: F401  (registers the approxbp:: custom ops)
 
 # auto-apply

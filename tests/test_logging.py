@@ -1,0 +1,136 @@
+"""The ``approxbp_fx`` logger: one INFO summary per joint graph, one DEBUG line per site.
+
+The partitioner (aot_eager tier: the same :class:`ApproxBPPartitioner` as the
+product, without inductor's code generation) is where the lines come from, so
+the numbers are checked against the :class:`GraphReport` it hands ``on_report``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from approxbp_fx import ApproxBPConfig
+from tests.conftest import compiled
+
+LOGGER = "approxbp_fx"
+SUMMARY = re.compile(
+    r"approxbp: sites found (\d+), rewritten (\d+), kept exact (\d+) "
+    r"\(save_act_codes (\d+)/(\d+), share_norm_input (\d+)/(\d+)\); "
+    r"saved activation bytes (\d+) -> (\d+) \((\d+\.\d+)x\)"
+)
+SITE = re.compile(r"approxbp: (\w+) (rewrote|kept exact) (\w+) at (\w+) \[[\d, ]*\]: (.*); site saved bytes (\d+) -> (\d+)")
+
+
+class TwoGraphs(nn.Module):
+    """LayerNorm -> GELU MLP, a graph break, then a SiLU MLP: two joint graphs.
+
+    With ``activations={"gelu"}`` the SiLU site is skipped for a config
+    reason, so the DEBUG lines carry both a rewrite and a skip.
+    """
+
+    def __init__(self, d=32, hidden=64):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+        self.fc3, self.fc4 = nn.Linear(d, hidden), nn.Linear(hidden, d)
+
+    def forward(self, x):
+        h = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        torch._dynamo.graph_break()
+        return h + self.fc4(F.silu(self.fc3(h)))
+
+
+CFG = ApproxBPConfig(activations={"gelu"})
+
+
+def _train_step(reports):
+    torch.manual_seed(0)
+    model = TwoGraphs()
+    compiled(model, "aot_eager", CFG, reports)(torch.randn(3, 11, 32)).sum().backward()
+
+
+def _records(caplog, level):
+    return [r for r in caplog.records if r.name == LOGGER and r.levelno == level]
+
+
+def test_one_info_summary_per_joint_graph_matching_the_report(caplog, no_autograd_cache):
+    reports = []
+    with caplog.at_level(logging.INFO, logger=LOGGER):
+        _train_step(reports)
+    infos = _records(caplog, logging.INFO)
+    assert len(reports) == 2  # the graph break makes two joint graphs
+    assert len(infos) == len(reports), [r.getMessage() for r in infos]
+    assert not _records(caplog, logging.DEBUG)  # INFO does not switch DEBUG on
+    for record, report in zip(infos, reports):
+        m = SUMMARY.fullmatch(record.getMessage())
+        assert m, record.getMessage()
+        found, done, kept, act_done, acts, norm_done, norms, base, final = map(int, m.groups()[:9])
+        rule_sites = {rule: [d for d in report.sites if d.rule == rule] for rule in ("save_act_codes", "share_norm_input")}
+        assert (found, done, kept) == (
+            len(report.sites),
+            sum(d.rewritten for d in report.sites),
+            sum(not d.rewritten for d in report.sites),
+        )
+        assert (acts, act_done) == (len(rule_sites["save_act_codes"]), sum(d.rewritten for d in rule_sites["save_act_codes"]))
+        assert (norms, norm_done) == (len(rule_sites["share_norm_input"]), sum(d.rewritten for d in rule_sites["share_norm_input"]))
+        assert (base, final) == (report.baseline_bytes, report.final_bytes)
+        assert float(m[10]) == pytest.approx(final / base, abs=5e-4)
+    # The numbers are not trivially zero: the first graph rewrote its GELU and
+    # LayerNorm and saved fewer bytes, the second kept its SiLU exact.
+    first, second = (SUMMARY.fullmatch(r.getMessage()) for r in infos)
+    assert int(first[2]) == 2 and int(first[9]) < int(first[8])
+    assert (int(second[1]), int(second[2])) == (1, 0)
+
+
+def test_debug_line_per_site_names_rule_key_reason_and_bytes(caplog, no_autograd_cache):
+    reports = []
+    with caplog.at_level(logging.DEBUG, logger=LOGGER):
+        _train_step(reports)
+    lines = [SITE.fullmatch(r.getMessage()) for r in _records(caplog, logging.DEBUG)]
+    assert all(lines), [r.getMessage() for r in _records(caplog, logging.DEBUG)]
+    decisions = [d for r in reports for d in r.sites]
+    assert len(lines) == len(decisions) == 3
+    for m, d in zip(lines, decisions):
+        assert m[1] == d.rule and m[3] == d.site.op and m[4] == d.site.key
+        assert m[2] == ("rewrote" if d.rewritten else "kept exact")
+        assert m[5] == d.reason and (int(m[6]), int(m[7])) == (d.saved_before, d.saved_after)
+    skipped = [m for m in lines if m[2] == "kept exact"]
+    assert [(m[3], m[5]) for m in skipped] == [("silu", "silu is not in ApproxBPConfig.activations")]
+    # The summaries still come, once per graph, alongside.
+    assert len(_records(caplog, logging.INFO)) == 2
+
+
+def test_nothing_is_logged_when_the_logger_is_off(caplog, no_autograd_cache):
+    # WARNING is the inherited default: the partitioner must not emit, at any level.
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        _train_step([])
+    assert not [r for r in caplog.records if r.name == LOGGER]
+
+
+def test_torch_logs_turns_the_logger_on():
+    # TORCH_LOGS accepts any importable module name ("+" means DEBUG) and
+    # installs torch's handler on it. Torch parses it at import, so this needs
+    # its own interpreter; _finish is called directly to skip a compile there.
+    code = (
+        "import logging, approxbp_fx\n"
+        "from approxbp_fx.partition import ApproxBPPartitioner, GraphReport\n"
+        "ApproxBPPartitioner(approxbp_fx.ApproxBPConfig())._finish(GraphReport(baseline_bytes=100, final_bytes=40))\n"
+        "print(logging.getLogger('approxbp_fx').getEffectiveLevel())\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TORCH_LOGS": "+approxbp_fx", "PYTHONPATH": str(root)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(logging.DEBUG)]
+    (m,) = SUMMARY.finditer(out.stderr)
+    assert m.groups() == ("0", "0", "0", "0", "0", "0", "0", "100", "40", "0.400"), out.stderr
