@@ -368,6 +368,21 @@ def _near_threshold(h: torch.Tensor, thresholds) -> bool:
     return any(bool(((h - c).abs() <= 1e-5 * (1 + h.abs())).any()) for c in thresholds)
 
 
+def _jittered(model: FuzzNet, paths) -> FuzzNet:
+    """A copy of ``model`` whose inputs at ``paths`` move by -1, 0 or +1 ulp-sized steps (2^-8 relative)."""
+    out = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+
+    def jitter(module, args):
+        h = args[0]
+        step = torch.randint(-1, 2, h.shape, generator=gen).to(h.dtype)
+        return (h + h.abs() * step * 2**-8,)
+
+    for p in paths:
+        out.get_submodule(p).register_forward_pre_hook(jitter)
+    return out
+
+
 # Hugging Face norms compute in float32 whatever the input dtype, so a float64
 # model holding one is float32-accurate, compiled or not.
 _FLOAT32_INSIDE = {"LlamaRMSNorm", "T5LayerNorm", "GemmaRMSNorm"}
@@ -443,9 +458,18 @@ def check(spec: NetSpec, tier: str = "inductor") -> dict:
     # Only float32 gets the benefit of the doubt: in bf16 a rounding-sized
     # neighbourhood of some threshold always holds an element, and the
     # Frobenius tolerance already absorbs the few flips that occur there.
-    if bad and spec.dtype == "float32":
+    if bad and approximated and spec.dtype in ("bfloat16", "autocast"):
+        # In bf16 a 1-ulp change of an approximated input flips codes, and in a
+        # chain of approximated activations that moves the gradient by ~10%
+        # (measured: 0.11 relative for three sites at 1 bit, against 0.02 for
+        # exact ones). Compiled and eager inputs differ by that much, so the
+        # bound is the reference's own spread under such a perturbation.
+        jittered = _jittered(ref_model, approximated)
+        noise = _run(jittered, jittered, x, g, spec)
+        bad = {n: e for n, e in bad.items() if e > 2 * grad_error(noise.grads[n], ref.grads[n], spec.dtype)}
+    if bad:
         near = [p for p, h in inputs.items() if _near_threshold(h, table(approximated[p], spec.bits).thresholds)]
-        if near:
+        if near and spec.dtype == "float32":
             raise Ambiguous(f"gradients {sorted(bad)} off; {near} have inputs at a code threshold")
         raise AssertionError(
             f"gradients differ from the eager reference (approximated: {sorted(approximated)}): "
