@@ -56,3 +56,16 @@ def test_kernel_microbenchmark_runs_on_cpu(tmp_path, bench_module):
     assert {r["kernel"] for r in rows} == {"act_pack", "code_grad", "layer_norm_bwd", "rms_norm_bwd"}
     assert all(r["s"] > 0 and r["bytes"] > 0 for r in rows)
     assert "| act_pack | approxbp |" in (tmp_path / "kernels.md").read_text()
+
+
+def test_fuzz_script_runs_and_reports(tmp_path, bench_module):
+    fuzz = bench_module("fuzz")
+    out = tmp_path / "fuzz.json"
+    rc = fuzz.main(["--examples", "2", "--seed", "1", "--tier", "aot_eager", "--max-blocks", "1",
+                    "--json", str(out), "--md", str(tmp_path / "fuzz.md")])
+    assert rc == 0
+    payload = json.loads(out.read_text())
+    assert payload["summary"]["examples"] == len(payload["examples"]) == 2
+    assert payload["summary"]["fail"] == 0 and payload["failures"] == []
+    assert payload["meta"]["tier"] == "aot_eager" and "torch" in payload["meta"]
+    assert "| aot_eager | 2 |" in (tmp_path / "fuzz.md").read_text()
