@@ -26,14 +26,18 @@ STEPS = 6
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def fresh_accelerator():
+def _reset_accelerate():
     # AcceleratorState is a process-wide singleton: each run builds its own.
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_accelerator():
+    _reset_accelerate()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    _reset_accelerate()
 
 
 def train(**accelerator_kwargs) -> dict:
@@ -66,9 +70,7 @@ def inductor_run():
     """The same loop under accelerate's inductor compile, without approxbp."""
     run = train(dynamo_backend="inductor")
     torch._dynamo.reset()
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    _reset_accelerate()
     return run
 
 
