@@ -62,7 +62,8 @@ def train(**accelerator_kwargs) -> dict:
         opt.zero_grad()
         losses.append(loss.item())
         saved.append(counter.total)
-    return {"compiled": is_compiled_module(model), "losses": losses, "saved": saved, "rewrites": dict(counters["approxbp"])}
+    rewrites = dict(counters["approxbp"])
+    return {"compiled": is_compiled_module(model), "losses": losses, "saved": saved, "rewrites": rewrites}
 
 
 @pytest.fixture
@@ -102,7 +103,8 @@ def test_accelerate_env_with_auto_env_in_a_fresh_process(inductor_run):
     # AOTAutograd's on-disk cache would serve an earlier run's graph without
     # calling the partitioner, and so without counting the rewrites.
     env = {**os.environ, "APPROXBP_FX_AUTO": "1", "ACCELERATE_DYNAMO_BACKEND": "inductor",
-           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("TORCH_DEVICE_BACKEND_AUTOLOAD", None)
     code = "import json; from tests.test_accelerate import train; print(json.dumps(train()))"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
