@@ -26,14 +26,18 @@ STEPS = 6
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def fresh_accelerator():
+def _reset_accelerate():
     # AcceleratorState is a process-wide singleton: each run builds its own.
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_accelerator():
+    _reset_accelerate()
     yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+    _reset_accelerate()
 
 
 def train(**accelerator_kwargs) -> dict:
@@ -58,7 +62,8 @@ def train(**accelerator_kwargs) -> dict:
         opt.zero_grad()
         losses.append(loss.item())
         saved.append(counter.total)
-    return {"compiled": is_compiled_module(model), "losses": losses, "saved": saved, "rewrites": dict(counters["approxbp"])}
+    rewrites = dict(counters["approxbp"])
+    return {"compiled": is_compiled_module(model), "losses": losses, "saved": saved, "rewrites": rewrites}
 
 
 @pytest.fixture
@@ -66,9 +71,7 @@ def inductor_run():
     """The same loop under accelerate's inductor compile, without approxbp."""
     run = train(dynamo_backend="inductor")
     torch._dynamo.reset()
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
+    _reset_accelerate()
     return run
 
 
@@ -100,7 +103,8 @@ def test_accelerate_env_with_auto_env_in_a_fresh_process(inductor_run):
     # AOTAutograd's on-disk cache would serve an earlier run's graph without
     # calling the partitioner, and so without counting the rewrites.
     env = {**os.environ, "APPROXBP_FX_AUTO": "1", "ACCELERATE_DYNAMO_BACKEND": "inductor",
-           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("TORCH_DEVICE_BACKEND_AUTOLOAD", None)
     code = "import json; from tests.test_accelerate import train; print(json.dumps(train()))"
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)

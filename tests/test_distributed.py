@@ -83,7 +83,8 @@ def _worker(rank: int, init: str, out: str) -> None:
             model(x.chunk(WORLD)[rank]).pow(2).mean().backward()
             # FSDP2 leaves each rank a DTensor shard; full_tensor() all-gathers it.
             grads = {n: p.grad.full_tensor() if kind == "fsdp2" else p.grad for n, p in net.named_parameters()}
-            results[kind] = {"grads": grads, "graphs": [[(d.rule, d.rewritten, d.reason) for d in r.sites] for r in reports]}
+            graphs = [[(d.rule, d.rewritten, d.reason) for d in r.sites] for r in reports]
+            results[kind] = {"grads": grads, "graphs": graphs}
         except Exception as e:  # each test reports its own wrapping's failure
             results[kind] = {"error": f"{type(e).__name__}: {e}"}
     torch.save(results, os.path.join(out, f"rank{rank}.pt"))
@@ -118,6 +119,7 @@ def _check(ranks, single_process, kind):
         assert got.keys() == ref.keys()
         for name, g in ref.items():
             torch.testing.assert_close(got[name], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {r} {name}: {m}")
+    assert ranks[1][kind]["graphs"] == ranks[0][kind]["graphs"]  # every rank compiles and rewrites alike
     return ranks[0][kind]["graphs"]
 
 
