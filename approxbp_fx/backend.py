@@ -10,12 +10,14 @@ as inductor would. Forward outputs are inductor's, up to rounding.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from typing import Any, Callable
 
 import torch
 
 from .config import ApproxBPConfig
-from .partition import ApproxBPPartitioner, GraphReport
+from .partition import ApproxBPPartitioner, GraphReport, log
 
 __all__ = ["backend", "approxbp"]
 
@@ -66,10 +68,27 @@ def backend(
         if isinstance(inner, ApproxBPPartitioner):
             inner = inner.inner
         partitioner = ApproxBPPartitioner(cfg, inner=inner, on_report=on_report)
-        return compile_fx(gm, example_inputs, config_patches={**patches, "custom_partitioner_fn": partitioner})
+        with _partition_runs_if_observed(on_report):
+            return compile_fx(gm, example_inputs, config_patches={**patches, "custom_partitioner_fn": partitioner})
 
     approxbp_backend.config = cfg  # type: ignore[attr-defined]
     return approxbp_backend
+
+
+@contextlib.contextmanager
+def _partition_runs_if_observed(on_report):
+    # An AOTAutograd cache hit (on by default, and persistent across processes)
+    # returns the compiled forward/backward without calling the partitioner, so
+    # a caller who asked for a GraphReport, or for the approxbp_fx log, would
+    # silently get nothing. Only then is the lookup skipped; the compiled code
+    # is the same either way.
+    if on_report is None and not log.isEnabledFor(logging.INFO):
+        yield
+        return
+    from torch._functorch import config as functorch_config
+
+    with functorch_config.patch(enable_autograd_cache=False):
+        yield
 
 
 def _aot_eager(cfg: ApproxBPConfig, on_report):
@@ -86,7 +105,13 @@ def _aot_eager(cfg: ApproxBPConfig, on_report):
     # Activations stay whole (aten.gelu_backward), which keeps that form tested.
     aten = torch.ops.aten
     decomps = get_decompositions([aten.native_layer_norm, aten.native_layer_norm_backward])
-    return aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner, decompositions=decomps)
+    inner = aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner, decompositions=decomps)
+
+    def approxbp_aot_eager(gm: torch.fx.GraphModule, example_inputs):
+        with _partition_runs_if_observed(on_report):
+            return inner(gm, example_inputs)
+
+    return approxbp_aot_eager
 
 
 def approxbp(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = None, options: dict | None = None):

@@ -49,11 +49,23 @@ class MLP(nn.Module):
 
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
-    # Tests compile many models of one class: keep dynamo's per-code caches
-    # from hitting the recompile limit and leaking state between tests.
+    """Every compile starts cold and runs the partitioner.
+
+    Tests compile many models of one class: dynamo's per-code caches are reset
+    so they neither hit the recompile limit nor leak state between tests.
+    AOTAutograd's cache (persistent across processes, so across CI runs) would
+    serve a graph compiled earlier without calling the partitioner, so the
+    rewrite counters would stay at zero; it is off here. The backend keeps it
+    off by itself when a report or the log is asked for, which
+    test_logging.py checks with the cache on. Inductor's code cache, which
+    runs after partitioning, stays on.
+    """
+    from torch._functorch import config as functorch_config
+
     torch._dynamo.reset()
     approxbp_fx.partition.counters.clear()
-    yield
+    with functorch_config.patch(enable_autograd_cache=False):
+        yield
     torch._dynamo.reset()
 
 
@@ -161,22 +173,7 @@ def norm_sites(reports) -> list:
 
 
 @pytest.fixture
-def no_autograd_cache():
-    """Every compile runs the partitioner, so every compile sends its report.
-
-    AOTAutograd's cache serves a graph compiled earlier in this process without
-    calling the partitioner again (so no ``on_report``); tests that compile the
-    same graph twice, or count reports, need it off. Inductor's code cache,
-    which runs after partitioning, stays on.
-    """
-    from torch._functorch import config as functorch_config
-
-    with functorch_config.patch(enable_autograd_cache=False):
-        yield
-
-
-@pytest.fixture
-def partitioner_hook(no_autograd_cache):
+def partitioner_hook():
     """Inductor's custom_partitioner_fn and approxbp_fx.enable()'s memory, put
     back after the test whatever it installed."""
     from torch._inductor import config as inductor_config

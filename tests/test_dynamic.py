@@ -32,8 +32,6 @@ from approxbp_fx import ApproxBPConfig, saved_activation_bytes
 from approxbp_fx.reference import swap_modules
 from tests.conftest import MLP, compiled, norm_sites
 
-pytestmark = pytest.mark.usefixtures("no_autograd_cache")
-
 D, H = 24, 45
 FP32 = dict(rtol=1e-5, atol=1e-5)
 # (batch, seq) steps. Token counts 14, 27, 15, 26, 33: none equals a weight

@@ -10,8 +10,6 @@ from tests.conftest import kept_exact, norm_sites, rewrites, saved_bytes
 transformers = pytest.importorskip("transformers")
 
 # Every test here must see its own partitioner reports (the models repeat across tests).
-pytestmark = pytest.mark.usefixtures("no_autograd_cache")
-
 LAYERS = 2
 
 

@@ -63,7 +63,7 @@ def _records(caplog, level):
     return [r for r in caplog.records if r.name == LOGGER and r.levelno == level]
 
 
-def test_one_info_summary_per_joint_graph_matching_the_report(caplog, no_autograd_cache):
+def test_one_info_summary_per_joint_graph_matching_the_report(caplog):
     reports = []
     with caplog.at_level(logging.INFO, logger=LOGGER):
         _train_step(reports)
@@ -92,7 +92,7 @@ def test_one_info_summary_per_joint_graph_matching_the_report(caplog, no_autogra
     assert (int(second[1]), int(second[2])) == (1, 0)
 
 
-def test_debug_line_per_site_names_rule_key_reason_and_bytes(caplog, no_autograd_cache):
+def test_debug_line_per_site_names_rule_key_reason_and_bytes(caplog):
     reports = []
     with caplog.at_level(logging.DEBUG, logger=LOGGER):
         _train_step(reports)
@@ -110,7 +110,7 @@ def test_debug_line_per_site_names_rule_key_reason_and_bytes(caplog, no_autograd
     assert len(_records(caplog, logging.INFO)) == 2
 
 
-def test_nothing_is_logged_when_the_logger_is_off(caplog, no_autograd_cache):
+def test_nothing_is_logged_when_the_logger_is_off(caplog):
     # WARNING is the inherited default: the partitioner must not emit, at any level.
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         _train_step([])
@@ -134,3 +134,27 @@ def test_torch_logs_turns_the_logger_on():
     assert out.stdout.split() == [str(logging.DEBUG)]
     (m,) = SUMMARY.finditer(out.stderr)
     assert m.groups() == ("0", "0", "0", "0", "0", "0", "0", "100", "40", "0.400"), out.stderr
+
+
+@pytest.mark.parametrize("tier", ["aot_eager", "approxbp"])
+def test_a_warm_autograd_cache_still_reports_and_logs(tier, caplog):
+    # The cache on, as users have it (conftest turns it off for every other
+    # test). The first compile warms AOTAutograd's cache (in memory and on
+    # disk); a hit would skip the partitioner, and with it the report and the
+    # log line, which CI once hit across runs. The backend skips the lookup
+    # only when someone is listening.
+    from torch._functorch import config as functorch_config
+
+    model = nn.Sequential(nn.Linear(16, 40), nn.GELU(), nn.Linear(40, 16))
+    x = torch.randn(5, 16)
+    with functorch_config.patch(enable_autograd_cache=True):
+        compiled(model, tier)(x).sum().backward()  # nobody listening: may use the cache
+        torch._dynamo.reset()
+        reports = []
+        compiled(model, tier, reports=reports)(x).sum().backward()
+        assert [d.rewritten for r in reports for d in r.sites] == [True]
+        torch._dynamo.reset()
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            compiled(model, tier)(x).sum().backward()
+    (info,) = _records(caplog, logging.INFO)
+    assert SUMMARY.fullmatch(info.getMessage())

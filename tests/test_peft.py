@@ -21,8 +21,6 @@ from tests.test_hf_models import LAYERS, _llama, _prepare
 
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.usefixtures("no_autograd_cache")
-
 # LLaMA's norms in forward order: per layer input_layernorm (-> q, k, v) and
 # post_attention_layernorm (-> gate, up), then the final norm (-> frozen lm_head).
 # Per scenario, which of them share their input away.

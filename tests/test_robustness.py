@@ -111,7 +111,7 @@ def _bad_batches():
     ],
     ids=lambda d: "-".join(str(t).removeprefix("torch.") for t in d),
 )
-def test_overflowing_step_is_skipped_wherever_inductor_skips_it(dtypes, no_autograd_cache):
+def test_overflowing_step_is_skipped_wherever_inductor_skips_it(dtypes):
     """Whatever inductor's step skips, ours skips: per parameter, every grad
     inductor leaves non-finite is non-finite in ours too.
 
@@ -198,7 +198,7 @@ class MaskedFrozenMLP(nn.Module):
     "one is NaN; GradScaler then takes a step inductor skips. Fix belongs in kernels/ (a per-tensor "
     "non-finite flag carried with the codes).",
 )
-def test_non_finite_preactivation_under_finite_upstream_gradient_is_skipped(no_autograd_cache):
+def test_non_finite_preactivation_under_finite_upstream_gradient_is_skipped():
     # The aot_eager tier: the same partitioner and the same approxbp:: ops as
     # backend="approxbp" (which behaves identically here, measured), without
     # paying an inductor compile for a known failure.
@@ -225,7 +225,7 @@ def test_non_finite_preactivation_under_finite_upstream_gradient_is_skipped(no_a
 # --------------------------------------------------------------------------- 2. double backward
 
 
-def test_double_backward_through_a_rewritten_site_raises(no_autograd_cache):
+def test_double_backward_through_a_rewritten_site_raises():
     """Gradient penalty ``|d out/d x|^2``: AOTAutograd's compiled backward is
     not differentiable, and torch says so for every backend (plain aot_eager
     here); ours inherits that error rather than differentiating the codes
@@ -275,7 +275,7 @@ def _no_rewrite_anywhere(reports):
     assert all(v == 0 for v in approxbp_fx.partition.counters["approxbp"].values())
 
 
-def test_no_grad_and_inference_mode_rewrite_nothing(no_autograd_cache):
+def test_no_grad_and_inference_mode_rewrite_nothing():
     torch.manual_seed(0)
     model = NormMLP()
     x = torch.randn(3, 7, 16)
@@ -291,7 +291,7 @@ def test_no_grad_and_inference_mode_rewrite_nothing(no_autograd_cache):
     assert sorted(d.site.op for r in reports for d in r.sites if d.rewritten) == ["gelu", "layer_norm"]
 
 
-def test_eval_model_without_grad_inputs_rewrites_nothing(no_autograd_cache):
+def test_eval_model_without_grad_inputs_rewrites_nothing():
     torch.manual_seed(0)
     model = NormMLP().eval().requires_grad_(False)
     x = torch.randn(3, 7, 16)
@@ -348,7 +348,7 @@ class OddInputs(nn.Module):
         return self.a(a) + self.b(b) + self.emb(ids), ids + 1
 
 
-def test_non_contiguous_and_integer_inputs(no_autograd_cache):
+def test_non_contiguous_and_integer_inputs():
     torch.manual_seed(0)
     model = OddInputs()
     # A transposed input (strides (1, 24)) and a step slice (strides (48, 3)).
@@ -363,7 +363,7 @@ def test_non_contiguous_and_integer_inputs(no_autograd_cache):
     assert shifted.dtype == torch.int64 and torch.equal(shifted, ids + 1)
 
 
-def test_channels_last_conv_gelu_conv(no_autograd_cache):
+def test_channels_last_conv_gelu_conv():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU(), nn.Conv2d(8, 4, 1)).to(memory_format=torch.channels_last)
     view = lambda x: (x.to(memory_format=torch.channels_last),)
@@ -375,7 +375,7 @@ def test_channels_last_conv_gelu_conv(no_autograd_cache):
     assert out.is_contiguous(memory_format=torch.channels_last)  # the layout survives the rewrite
 
 
-def test_zero_size_batch(no_autograd_cache):
+def test_zero_size_batch():
     # No elements: whatever the partitioner decides, the gradients are zeros
     # and must come back as such (not garbage from an empty code buffer).
     torch.manual_seed(0)
@@ -386,7 +386,7 @@ def test_zero_size_batch(no_autograd_cache):
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
 
 
-def test_float64_is_left_exact(no_autograd_cache):
+def test_float64_is_left_exact():
     """float64 sites are never rewritten: the gradients are eager's up to fp64
     reassociation (1e-12), where a step derivative would be off by ~1e-1.
 

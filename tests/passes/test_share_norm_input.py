@@ -15,8 +15,6 @@ import approxbp_fx
 from approxbp_fx import ApproxBPConfig, saved_activation_bytes
 from tests.conftest import NORM_FORMS, NormBlock, compiled, kept_exact, norm_sites, rewrites, saved_bytes
 
-pytestmark = pytest.mark.usefixtures("no_autograd_cache")
-
 D = 64
 X_SHAPE = (3, 37, D)  # 3*37 tokens: matches no weight shape
 TOKENS = X_SHAPE[0] * X_SHAPE[1]
