@@ -7,7 +7,13 @@ with knots ``c_1 < ... < c_n`` (``n = 2**bits - 1``) and slopes ``a_i``:
 * the code of an element is ``code(x) = #{i : x > c_i}`` in ``0..n``,
   compared in float32 (a NaN gets code 0);
 * backward is ``dx = dy * level[code(x)]`` with ``level[j] = a_1 + ... + a_j``,
-  the derivative of ``h~(x) = sum_i a_i ReLU(x - c_i)``.
+  the derivative of ``h~(x) = sum_i a_i ReLU(x - c_i)``;
+* if any element of ``x`` is NaN or ±inf, the whole ``dx`` is NaN. The exact
+  backward is NaN at such an element (``inf * 0`` in ``h'``), and that NaN is
+  what tells a GradScaler to skip the step; a code alone cannot carry it (NaN
+  gets code 0, whose level is a finite slope), so one flag per tensor,
+  :func:`nonfinite_flag`, is saved beside the codes. Poisoning the whole
+  tensor is coarser than the exact per-element NaN, never finite where it is not.
 
 Only the packed codes are saved: ``8 // bits`` codes per byte, element ``i`` of
 ``x`` in row-major (logical) order in byte ``i // per`` at bit ``(i % per) * bits``.
@@ -43,7 +49,9 @@ __all__ = [
     "packed_numel",
     "code_of",
     "pack_codes",
+    "nonfinite_flag",
     "unpack_levels",
+    "code_grad_of",
     "step_derivative",
     "approx_activation",
     "ApproxActivation",
@@ -94,6 +102,11 @@ def pack_codes(x: torch.Tensor, thresholds, bits: int) -> torch.Tensor:
     return (flat.view(-1, per) << shifts).sum(dim=1).to(torch.uint8)
 
 
+def nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
+    """0-d bool: does ``x`` hold a NaN or ±inf? Saved with the codes (1 byte)."""
+    return torch.isfinite(x).logical_not().any()
+
+
 def unpack_levels(codes: torch.Tensor, levels, bits: int, numel: int) -> torch.Tensor:
     """float32 tensor of ``numel`` derivative levels, in row-major order.
 
@@ -112,6 +125,19 @@ def unpack_levels(codes: torch.Tensor, levels, bits: int, numel: int) -> torch.T
     return out
 
 
+def code_grad_of(
+    grad: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, levels, bits: int, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """``dx = grad * level[code]`` in float32, rounded once to ``out_dtype``; all NaN if ``nonfinite``.
+
+    Functional, like :func:`code_of`: lower_act_codes traces it. The ``where``
+    on the 0-d flag is one more select in the same pointwise kernel.
+    """
+    d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
+    dx = torch.where(nonfinite, float("nan"), grad.float() * d)
+    return dx.to(out_dtype)
+
+
 def step_derivative(x: torch.Tensor, tab: StepTable) -> torch.Tensor:
     """The approximate derivative straight from ``x`` (no packing), float32."""
     lut = torch.tensor(tab.levels, dtype=torch.float32, device=x.device)
@@ -122,17 +148,15 @@ class _ApproxActivationFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, tab: StepTable) -> torch.Tensor:
         ctx.tab = tab
-        ctx.shape = x.shape
-        ctx.save_for_backward(pack_codes(x, tab.thresholds, tab.bits))
+        ctx.save_for_backward(pack_codes(x, tab.thresholds, tab.bits), nonfinite_flag(x))
         return exact_forward(tab.activation, x)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        (codes,) = ctx.saved_tensors
+        codes, nonfinite = ctx.saved_tensors
         tab = ctx.tab
-        d = unpack_levels(codes, tab.levels, tab.bits, grad.numel()).view(ctx.shape)
-        return (grad.float() * d).to(grad.dtype), None
+        return code_grad_of(grad, codes, nonfinite, tab.levels, tab.bits, grad.dtype), None
 
 
 def approx_activation(x: torch.Tensor, activation: str = "gelu", bits: int = 2) -> torch.Tensor:

@@ -68,13 +68,13 @@ def _act_rows(n: int, device: torch.device, iters: int) -> list[dict]:
     x = torch.randn(n, device=device, dtype=BF16)
     dy = torch.randn_like(x)
     ops = torch.ops.approxbp
-    _, codes = ops.act_pack(x, "gelu", thr, 2, BF16)
+    _, codes, flag = ops.act_pack(x, "gelu", thr, 2, BF16)
     ind_fwd = torch.compile(lambda t: F.gelu(t), backend="inductor")
     ind_bwd = torch.compile(lambda g, t: torch.ops.aten.gelu_backward(g, t), backend="inductor")
     # What act_lowering="inductor" hands inductor: the ops' torch code, generated and fused by it.
     low_fwd = torch.compile(lambda t: act_pack_torch(t, "gelu", thr, 2, BF16), backend="inductor")
-    low_bwd = torch.compile(lambda g, c: code_grad_torch(g, c, lvl, 2, BF16), backend="inductor")
-    e, c = 2 * n, codes.numel()
+    low_bwd = torch.compile(lambda g, c, f: code_grad_torch(g, c, f, lvl, 2, BF16), backend="inductor")
+    e, c = 2 * n, codes.numel() + 1  # + the non-finite flag's byte
     return [
         {"kernel": "act_pack", "impl": "approxbp kernels (Triton op)", "numel": n, "bytes": 2 * e + c,
          "s": _time(lambda: ops.act_pack(x, "gelu", thr, 2, BF16), device, iters)},
@@ -83,9 +83,9 @@ def _act_rows(n: int, device: torch.device, iters: int) -> list[dict]:
         {"kernel": "act_pack", "impl": "inductor gelu(x)", "numel": n, "bytes": 2 * e,
          "s": _time(lambda: ind_fwd(x), device, iters)},
         {"kernel": "code_grad", "impl": "approxbp kernels (Triton op)", "numel": n, "bytes": 2 * e + c,
-         "s": _time(lambda: ops.code_grad(dy, codes, lvl, 2, BF16), device, iters)},
+         "s": _time(lambda: ops.code_grad(dy, codes, flag, lvl, 2, BF16), device, iters)},
         {"kernel": "code_grad", "impl": "approxbp lowered (inductor)", "numel": n, "bytes": 2 * e + c,
-         "s": _time(lambda: low_bwd(dy, codes), device, iters)},
+         "s": _time(lambda: low_bwd(dy, codes, flag), device, iters)},
         {"kernel": "code_grad", "impl": "inductor gelu_backward", "numel": n, "bytes": 3 * e,
          "s": _time(lambda: ind_bwd(dy, x), device, iters)},
     ]

@@ -39,13 +39,13 @@ def test_trainable_second_linear_never_above_inductor(form, dtype):
 
 def test_saved_bytes_are_exactly_accounted():
     # bf16, 145 tokens, hidden 200, fc2 frozen: inductor keeps fc1's input
-    # (145*64*2) and the GELU input (145*200*2); we keep the same fc1 input and
-    # ceil(145*200/4) bytes of codes.
+    # (145*64*2) and the GELU input (145*200*2); we keep the same fc1 input,
+    # ceil(145*200/4) bytes of codes and the 1-byte non-finite flag.
     model = MLP(nn.GELU(), frozen_second=True).bfloat16()
     x = torch.randn(*X, dtype=torch.bfloat16)
     tokens = 5 * 29
     assert saved_bytes(model, "inductor", x) == tokens * 64 * 2 + tokens * 200 * 2
-    assert saved_bytes(model, "approxbp", x) == tokens * 64 * 2 + -(-tokens * 200 // 4)
+    assert saved_bytes(model, "approxbp", x) == tokens * 64 * 2 + -(-tokens * 200 // 4) + 1
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -55,7 +55,7 @@ def test_code_bytes_follow_bits(bits):
     tokens = 5 * 29
     per = 8 // bits
     got = saved_bytes(model, "approxbp", x, cfg=ApproxBPConfig(bits=bits))
-    assert got == tokens * 64 * 2 + -(-tokens * 200 // per)
+    assert got == tokens * 64 * 2 + -(-tokens * 200 // per) + 1
 
 
 @pytest.mark.parametrize("form", list(ACT_FORMS))
@@ -180,7 +180,7 @@ def test_entry_point_backend_by_name_with_options():
     fn = torch.compile(model, backend="approxbp", options={"bits": 4})
     got = approxbp_fx.saved_activation_bytes(fn, x, params=model)
     tokens = 5 * 29
-    assert got == tokens * 64 * 2 + -(-tokens * 200 // 2)
+    assert got == tokens * 64 * 2 + -(-tokens * 200 // 2) + 1  # codes + the non-finite flag
 
 
 def test_bad_options_fail_clearly():

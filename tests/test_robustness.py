@@ -157,23 +157,28 @@ def test_code_backward_element_level_on_non_finite_inputs(activation, dtype):
     """What one element does, against the exact derivative.
 
     ``x = +inf``: code n, level ~1, exact h'(x) = NaN (torch: inf*pdf = inf*0);
-    ``x = -inf`` and ``x = NaN``: code 0, level 0, exact NaN. So with a finite
-    incoming gradient ``g``, ``g * level`` is finite where the exact backward
-    is NaN: the codes alone cannot carry a non-finite pre-activation into
-    backward (see the xfail test below). A non-finite ``g`` stays non-finite
-    at every code (inf * 0 = NaN, NaN * level = NaN).
+    ``x = -inf`` and ``x = NaN``: code 0, level 0, exact NaN. So the codes alone
+    would give a finite ``g * level`` where the exact backward is NaN; the
+    non-finite flag saved beside them makes the whole dx NaN instead (coarser
+    than exact, never finite where it is not). A non-finite ``g`` stays
+    non-finite at every code (inf * 0 = NaN, NaN * level = NaN).
     """
     tab = table(activation, 2)
     x = torch.tensor([INF, -INF, NAN, 1e30, -1e30, 0.5]).to(dtype)
-    _, codes = torch.ops.approxbp.act_pack(x, activation, list(tab.thresholds), 2, dtype)
-    dx = lambda g: torch.ops.approxbp.code_grad(g, codes, list(tab.levels), 2, dtype).float()
-
-    finite_g = dx(torch.ones(6, dtype=dtype))
     exact = exact_derivative(activation, x).float()
-    assert finite_g[:3].tolist() == [pytest.approx(tab.levels[-1]), 0.0, 0.0]
     assert exact[:3].isnan().all()  # what inductor's backward gives at the same elements
-    for poison in (INF, NAN):
-        assert not dx(torch.full((6,), poison, dtype=dtype)).isfinite().any()
+    for poison in (None, INF, -INF, NAN):
+        xs = x[3:] if poison is None else torch.cat([x[3:], torch.tensor([poison], dtype=dtype)])
+        _, codes, flag = torch.ops.approxbp.act_pack(xs, activation, list(tab.thresholds), 2, dtype)
+        dx = lambda g: torch.ops.approxbp.code_grad(g, codes, flag, list(tab.levels), 2, dtype).float()
+        finite_g = dx(torch.ones(xs.numel(), dtype=dtype))
+        if poison is None:
+            assert not flag.item() and finite_g.isfinite().all()
+            assert finite_g[:2].tolist() == [pytest.approx(tab.levels[-1]), 0.0]  # +-1e30: top code, code 0
+        else:
+            assert flag.item() and finite_g.isnan().all(), poison
+        for g_poison in (INF, NAN):
+            assert not dx(torch.full((xs.numel(),), g_poison, dtype=dtype)).isfinite().any()
 
 
 class MaskedFrozenMLP(nn.Module):
@@ -190,29 +195,22 @@ class MaskedFrozenMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x) + mask)).sum()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="kernels/act_codes.py: a NaN/-inf pre-activation gets code 0 (level 0) and +inf the top "
-    "level, so with a finite upstream gradient the step-derivative backward is finite where the exact "
-    "one is NaN; GradScaler then takes a step inductor skips. Fix belongs in kernels/ (a per-tensor "
-    "non-finite flag carried with the codes).",
-)
-def test_non_finite_preactivation_under_finite_upstream_gradient_is_skipped():
-    # The aot_eager tier: the same partitioner and the same approxbp:: ops as
-    # backend="approxbp" (which behaves identically here, measured), without
-    # paying an inductor compile for a known failure.
+@pytest.mark.parametrize("tier", ["aot_eager", "approxbp"])
+def test_non_finite_preactivation_under_finite_upstream_gradient_is_skipped(tier):
+    # A NaN/-inf pre-activation gets code 0 and +inf the top one, so without the
+    # non-finite flag the step-derivative backward here was finite where the
+    # exact one is NaN, and GradScaler took a step inductor skips. Both tiers:
+    # aot_eager runs the approxbp:: ops, approxbp their inductor lowering.
     torch.manual_seed(0)
     model = MaskedFrozenMLP(nn.GELU())
-    ours = compiled(model, "aot_eager")
+    ours = compiled(model, tier)
     x = torch.randn(3, 5, 16)
     taken = []
     for poison in (INF, -INF, NAN):
         mask = torch.zeros(3, 5, 32)
         mask[1, 2, 3] = poison
         # Precondition, against eager (inductor measured the same: fc1.weight
-        # and fc1.bias grads NaN): the exact step is skipped. pytest.fail, not
-        # an AssertionError, so a broken precondition fails instead of xfailing.
+        # and fc1.bias grads NaN): the exact step is skipped.
         if not step_skipped(model, model, x, mask):
             pytest.fail(f"precondition: the exact step should be skipped ({poison})")
         if not step_skipped(ours, model, x, mask):

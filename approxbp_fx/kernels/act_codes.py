@@ -2,18 +2,21 @@
 
 Two custom ops carry Approx-BP through inductor:
 
-``approxbp::act_pack(x, activation, thresholds, bits, out_dtype) -> (y, codes)``
-    ``y = h(x)`` exactly (float32 math, one rounding to ``out_dtype``), and
+``approxbp::act_pack(x, activation, thresholds, bits, out_dtype) -> (y, codes, nonfinite)``
+    ``y = h(x)`` exactly (float32 math, one rounding to ``out_dtype``);
     ``codes``: a 1-D uint8 tensor of ``ceil(numel / (8 // bits))`` bytes where
     element ``i`` of ``x`` (row-major logical order, any strides) holds
-    ``#{j : x_i > thresholds[j]}`` at bit ``(i % per) * bits`` of byte ``i // per``.
+    ``#{j : x_i > thresholds[j]}`` at bit ``(i % per) * bits`` of byte ``i // per``;
+    ``nonfinite``: a 0-d bool, whether any ``x_i`` is NaN or ±inf.
 
-``approxbp::code_grad(grad, codes, levels, bits, out_dtype) -> dx``
+``approxbp::code_grad(grad, codes, nonfinite, levels, bits, out_dtype) -> dx``
     ``dx_i = grad_i * levels[code_i]``, the derivative of the piecewise-linear
-    ``h~`` times the incoming gradient; it reads 1/4 byte per element at
-    ``bits=2`` instead of the 2 or 4 bytes of ``x``.
+    ``h~`` times the incoming gradient, or NaN everywhere if ``nonfinite``
+    (where the exact ``h'`` would be NaN, so that GradScaler still skips the
+    step; :mod:`approxbp_fx.reference`). It reads 1/4 byte per element at
+    ``bits=2`` instead of the 2 or 4 bytes of ``x``, plus the flag's one byte.
 
-Both outputs are contiguous; the fake (meta) implementations promise exactly
+All outputs are contiguous; the fake (meta) implementations promise exactly
 that, which inductor relies on when it plans buffers around the fallback call.
 
 On CPU the ops run :mod:`approxbp_fx.reference`'s torch code; on CUDA they run
@@ -26,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..activations import exact_forward
-from ..reference import pack_codes, packed_numel, unpack_levels
+from ..reference import code_grad_of, nonfinite_flag, pack_codes, packed_numel
 
 try:  # The CPU path must work without Triton.
     import triton
@@ -90,6 +93,7 @@ if HAS_TRITON:
         x_ptr,  # contiguous input, fp32/fp16/bf16
         y_ptr,  # contiguous output, same numel, out dtype
         codes_ptr,  # uint8, n_bytes
+        flag_ptr,  # bool, 1 element, zeroed by the launcher
         thr_ptr,  # fp32, N_THR ascending thresholds
         numel,
         n_bytes,
@@ -116,10 +120,16 @@ if HAS_TRITON:
         byte = tl.sum(code << (fields[None, :] * BITS), axis=1)
         tl.store(codes_ptr + rows, byte.to(tl.uint8), mask=rows < n_bytes)
 
+        # |x| < inf is false for NaN and ±inf. Every program that sees one
+        # stores the same 1, so the unordered stores need no atomics.
+        bad = tl.sum((mask & ~(tl.abs(x) < float("inf"))).to(tl.int32), axis=None)
+        tl.store(flag_ptr, bad > 0, mask=bad > 0)
+
     @triton.jit
     def _code_grad_kernel(
         grad_ptr,  # contiguous incoming gradient, any float dtype
         codes_ptr,  # uint8, n_bytes, contiguous
+        flag_ptr,  # bool, 1 element: poison dx with NaN
         lvl_ptr,  # fp32, 2**BITS levels
         dx_ptr,  # contiguous output, out dtype
         numel,
@@ -140,6 +150,7 @@ if HAS_TRITON:
         d = tl.zeros([BLOCK_B, PER], dtype=tl.float32)
         for j in tl.static_range(N_LVL):
             d = tl.where(code == j, tl.load(lvl_ptr + j), d)
+        d = tl.where(tl.load(flag_ptr) != 0, float("nan"), d)
 
         g = tl.load(grad_ptr + elem, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + elem, (g * d).to(dx_ptr.dtype.element_ty), mask=mask)
@@ -202,19 +213,21 @@ def _on_device(t: torch.Tensor):
 
 def act_pack_torch(x: torch.Tensor, activation: str, thresholds, bits: int, out_dtype: torch.dtype):
     """Plain-torch ``approxbp::act_pack``: the CPU kernel, and the fallback for dtypes Triton skips."""
-    return exact_forward(activation, x, out_dtype).contiguous(), pack_codes(x, thresholds, bits)
+    y = exact_forward(activation, x, out_dtype).contiguous()
+    return y, pack_codes(x, thresholds, bits), nonfinite_flag(x)
 
 
-def code_grad_torch(grad: torch.Tensor, codes: torch.Tensor, levels, bits: int, out_dtype: torch.dtype):
+def code_grad_torch(
+    grad: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, levels, bits: int, out_dtype: torch.dtype
+):
     """Plain-torch ``approxbp::code_grad``: the CPU kernel, and the fallback for dtypes Triton skips."""
-    d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
-    return (grad.float() * d).to(out_dtype).contiguous()
+    return code_grad_of(grad, codes, nonfinite, levels, bits, out_dtype).contiguous()
 
 
 def act_pack_forward(
     x: torch.Tensor, activation: str, thresholds, bits: int, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton ``approxbp::act_pack``: ``(h(x) as out_dtype, packed codes)``, both contiguous.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton ``approxbp::act_pack``: ``(h(x) as out_dtype, packed codes, non-finite flag)``, contiguous.
 
     Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
     """
@@ -231,13 +244,15 @@ def act_pack_forward(
     per, n_bytes, block_b, grid, idx64 = _launch_geometry(numel, bits)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     codes = torch.empty((n_bytes,), dtype=torch.uint8, device=x.device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=x.device)
     if numel == 0:
-        return y, codes
+        return y, codes, nonfinite
     with _on_device(x):
         _act_pack_fwd_kernel[(grid,)](
             x,
             y,
             codes,
+            nonfinite,
             _device_scalars(thresholds, x.device),
             numel,
             n_bytes,
@@ -249,17 +264,17 @@ def act_pack_forward(
             IDX64=idx64,
             num_warps=_NUM_WARPS,
         )
-    return y, codes
+    return y, codes, nonfinite
 
 
 def code_grad_forward(
-    grad: torch.Tensor, codes: torch.Tensor, levels, bits: int, out_dtype: torch.dtype
+    grad: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, levels, bits: int, out_dtype: torch.dtype
 ) -> torch.Tensor:
-    """Triton ``approxbp::code_grad``: ``grad * levels[code]`` as ``out_dtype``, contiguous."""
+    """Triton ``approxbp::code_grad``: ``grad * levels[code]`` (NaN if ``nonfinite``) as ``out_dtype``, contiguous."""
     _check_args(bits, n_levels=len(levels))
-    _check_codes(grad, codes, bits)
+    _check_codes(grad, codes, nonfinite, bits)
     if grad.dtype not in _KERNEL_DTYPES + (torch.float64,) or out_dtype not in _KERNEL_DTYPES + (torch.float64,):
-        return code_grad_torch(grad, codes, levels, bits, out_dtype)
+        return code_grad_torch(grad, codes, nonfinite, levels, bits, out_dtype)
     # float64 is fine here: the maths is float32 either way (grad.float() * level).
     grad = grad.contiguous()
     codes = codes.contiguous()
@@ -272,6 +287,7 @@ def code_grad_forward(
         _code_grad_kernel[(grid,)](
             grad,
             codes,
+            nonfinite,
             _device_scalars(levels, grad.device),
             dx,
             numel,
@@ -307,7 +323,7 @@ def _check_args(bits: int, n_thresholds: int | None = None, n_levels: int | None
 @torch.library.custom_op("approxbp::act_pack", mutates_args=())
 def act_pack(
     x: torch.Tensor, activation: str, thresholds: list[float], bits: int, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check_args(bits, n_thresholds=len(thresholds))
     return act_pack_torch(x, activation, thresholds, bits, out_dtype)
 
@@ -316,30 +332,40 @@ def act_pack(
 def _(x, activation, thresholds, bits, out_dtype):
     _check_args(bits, n_thresholds=len(thresholds))
     y = x.new_empty(x.shape, dtype=out_dtype)
-    return y, x.new_empty((packed_numel(x.numel(), bits),), dtype=torch.uint8)
+    codes = x.new_empty((packed_numel(x.numel(), bits),), dtype=torch.uint8)
+    return y, codes, x.new_empty((), dtype=torch.bool)
 
 
 @torch.library.custom_op("approxbp::code_grad", mutates_args=())
 def code_grad(
-    grad: torch.Tensor, codes: torch.Tensor, levels: list[float], bits: int, out_dtype: torch.dtype
+    grad: torch.Tensor,
+    codes: torch.Tensor,
+    nonfinite: torch.Tensor,
+    levels: list[float],
+    bits: int,
+    out_dtype: torch.dtype,
 ) -> torch.Tensor:
     _check_args(bits, n_levels=len(levels))
-    _check_codes(grad, codes, bits)
-    return code_grad_torch(grad, codes, levels, bits, out_dtype)
+    _check_codes(grad, codes, nonfinite, bits)
+    return code_grad_torch(grad, codes, nonfinite, levels, bits, out_dtype)
 
 
 @code_grad.register_fake
-def _(grad, codes, levels, bits, out_dtype):
+def _(grad, codes, nonfinite, levels, bits, out_dtype):
     _check_args(bits, n_levels=len(levels))
-    _check_codes(grad, codes, bits)
+    _check_codes(grad, codes, nonfinite, bits)
     return grad.new_empty(grad.shape, dtype=out_dtype)
 
 
-def _check_codes(grad: torch.Tensor, codes: torch.Tensor, bits: int) -> None:
+def _check_codes(grad: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, bits: int) -> None:
     torch._check(codes.dtype == torch.uint8, lambda: f"approxbp: codes must be uint8, got {codes.dtype}")
     torch._check(
         codes.numel() == packed_numel(grad.numel(), bits),
         lambda: f"approxbp: {codes.numel()} code bytes do not cover a gradient of {grad.numel()} elements",
+    )
+    torch._check(
+        nonfinite.dtype == torch.bool and nonfinite.dim() == 0,
+        lambda: f"approxbp: the non-finite flag must be a 0-d bool, got {nonfinite.dtype} {tuple(nonfinite.shape)}",
     )
 
 
@@ -350,5 +376,5 @@ if HAS_TRITON:
         return act_pack_forward(x, activation, thresholds, bits, out_dtype)
 
     @code_grad.register_kernel("cuda")
-    def _(grad, codes, levels, bits, out_dtype):
-        return code_grad_forward(grad, codes, levels, bits, out_dtype)
+    def _(grad, codes, nonfinite, levels, bits, out_dtype):
+        return code_grad_forward(grad, codes, nonfinite, levels, bits, out_dtype)

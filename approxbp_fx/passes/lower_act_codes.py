@@ -24,7 +24,8 @@ levels ``l``)::
 
     code_i  = #{j : x_i > c_j}                      (float32 compare, NaN -> 0)
     byte_b  = Σ_{s<per} code_{b·per+s} << (s·k)      (fields disjoint: Σ == OR)
-    dx_i    = g_i · l[(byte_{i // per} >> ((i % per)·k)) & (2^k − 1)]
+    flag    = any_i(x_i is NaN or ±inf)              (a 0-d reduction)
+    dx_i    = NaN if flag else g_i · l[(byte_{i // per} >> ((i % per)·k)) & (2^k − 1)]
 
 identical, element for element, to the Triton kernels.
 """
@@ -76,8 +77,7 @@ def _inline(graph: fx.Graph, node: fx.Node, traced: fx.GraphModule, inputs: list
 def _lower_act_pack(graph: fx.Graph, node: fx.Node) -> None:
     x, activation, thresholds, bits, out_dtype = node.args
     fn = lambda t: act_pack_torch(t, activation, thresholds, bits, out_dtype)  # noqa: E731
-    y, codes = _inline(graph, node, _trace(fn, [x.meta["val"]]), [x])
-    outs = (y, codes)
+    outs = _inline(graph, node, _trace(fn, [x.meta["val"]]), [x])
     for user in list(node.users):
         # The rewrite reads the op's outputs only through getitem.
         assert user.target is operator.getitem, user
@@ -87,9 +87,10 @@ def _lower_act_pack(graph: fx.Graph, node: fx.Node) -> None:
 
 
 def _lower_code_grad(graph: fx.Graph, node: fx.Node) -> None:
-    g, codes, levels, bits, out_dtype = node.args
-    fn = lambda a, c: code_grad_torch(a, c, levels, bits, out_dtype)  # noqa: E731
-    dx = _inline(graph, node, _trace(fn, [g.meta["val"], codes.meta["val"]]), [g, codes])
+    g, codes, nonfinite, levels, bits, out_dtype = node.args
+    fn = lambda a, c, f: code_grad_torch(a, c, f, levels, bits, out_dtype)  # noqa: E731
+    inputs = [g, codes, nonfinite]
+    dx = _inline(graph, node, _trace(fn, [n.meta["val"] for n in inputs]), inputs)
     node.replace_all_uses_with(dx)
     graph.erase_node(node)
 

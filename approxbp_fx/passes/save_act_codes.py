@@ -8,10 +8,12 @@ QuickGELU, SiLU; casts and autocast included)::
 
 After::
 
-    x ──approxbp.act_pack──▶ (y, codes) ──y──▶ consumers
-    g, codes ──approxbp.code_grad──▶ dx   # dx = g * level[code(x)]
+    x ──approxbp.act_pack──▶ (y, codes, nonfinite) ──y──▶ consumers
+    g, codes, nonfinite ──approxbp.code_grad──▶ dx   # dx = g * level[code(x)]
 
-``x`` leaves the saved set; ``codes`` (numel * bits / 8 bytes) takes its place.
+``x`` leaves the saved set; ``codes`` (numel * bits / 8 bytes) and a 1-byte
+flag, set if ``x`` held a NaN or ±inf (dx is then NaN, as the exact one would
+be where it matters for GradScaler), take its place.
 ``y`` is saved only if a backward node other than ``dx`` reads it (a trainable
 next linear's weight gradient); the custom op is not recomputable, so the
 partitioner then saves ``y`` rather than re-deriving it from ``x``. That is why
@@ -207,12 +209,11 @@ def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> set[st
     pack_args = (x, site.activation, list(tab.thresholds), cfg.bits, out_dtype)
     with graph.inserting_before(first_y):
         pack = graph.call_function(_act_pack, pack_args)
-        y_val, codes_val = fake_run(_act_pack, pack_args)
-        copy_meta(pack, first_y, (y_val, codes_val))
-        y_new = graph.call_function(operator.getitem, (pack, 0))
-        copy_meta(y_new, first_y, y_val)
-        codes = graph.call_function(operator.getitem, (pack, 1))
-        copy_meta(codes, first_y, codes_val)
+        vals = fake_run(_act_pack, pack_args)
+        copy_meta(pack, first_y, vals)
+        y_new, codes, nonfinite = (graph.call_function(operator.getitem, (pack, i)) for i in range(3))
+        for node, val in zip((y_new, codes, nonfinite), vals):
+            copy_meta(node, first_y, val)
     for y in ys:
         dtype = y.meta["val"].dtype
         if dtype == out_dtype:
@@ -223,20 +224,20 @@ def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> set[st
             copy_meta(cast, y, fake_run(_convert, (y_new, dtype)))
         y.replace_all_uses_with(cast)
 
-    grad_args = (g, codes, list(tab.levels), cfg.bits, dx.meta["val"].dtype)
+    grad_args = (g, codes, nonfinite, list(tab.levels), cfg.bits, dx.meta["val"].dtype)
     with graph.inserting_before(dx):
         dx_new = graph.call_function(_code_grad, grad_args)
         copy_meta(dx_new, dx, fake_run(_code_grad, grad_args))
     dx.replace_all_uses_with(dx_new)
     _erase_dead(graph, [*(nodes[n] for n in site.grad_region), *ys, *(nodes[n] for n in site.closure[1:])])
-    new = {pack, y_new, codes}
+    new = {pack, y_new, codes, nonfinite}
     return {n.name for n in new} | {v.name for n in new for v in pw.view_descendants(n)}
 
 
 def predict(gm: fx.GraphModule, site: ActSite, base_saved: dict[str, int], cfg: ApproxBPConfig) -> tuple[int, str]:
     """Bytes the site would keep saved after the rewrite, and why it would not pay."""
     nodes = {n.name: n for n in gm.graph.nodes}
-    codes = hint(packed_numel(nodes[site.x].meta["val"].numel(), cfg.bits))
+    codes = hint(packed_numel(nodes[site.x].meta["val"].numel(), cfg.bits)) + 1  # + the non-finite flag
     dead = set(site.closure) | set(site.grad_region)
 
     def backward_users(node: fx.Node) -> list[fx.Node]:

@@ -31,7 +31,7 @@ import torch
 from approxbp_fx.activations import ACTIVATIONS, exact_forward
 from approxbp_fx.coefficients import table
 from approxbp_fx.kernels import act_codes
-from approxbp_fx.reference import pack_codes, packed_numel, unpack_levels
+from approxbp_fx.reference import code_grad_of, nonfinite_flag, pack_codes, packed_numel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BITS = (1, 2, 3, 4)
@@ -103,9 +103,12 @@ def _make_grad(shape, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(shape, generator=g).to(dtype)
 
 
-def _ref_dx(grad, codes, levels, bits, out_dtype) -> torch.Tensor:
-    d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
-    return (grad.float() * d).to(out_dtype)
+# The non-finite flag as code_grad receives it: clear (dx is grad * level) or set (all NaN).
+CLEAR, SET = torch.tensor(False), torch.tensor(True)
+
+
+def _ref_dx(grad, codes, flag, levels, bits, out_dtype) -> torch.Tensor:
+    return code_grad_of(grad, codes, flag.to(grad.device), levels, bits, out_dtype)
 
 
 def _assert_y(y: torch.Tensor, x: torch.Tensor, activation: str, out_dtype: torch.dtype) -> None:
@@ -129,9 +132,17 @@ def _assert_codes(codes: torch.Tensor, x: torch.Tensor, thresholds, bits: int) -
     assert torch.equal(codes, ref), f"{(codes != ref).sum().item()} of {codes.numel()} code bytes differ"
 
 
-def _assert_dx(dx, grad, codes, levels, bits, out_dtype, tol=(0.0, 0.0)) -> None:
-    ref = _ref_dx(grad, codes, levels, bits, out_dtype)
+def _assert_flag(flag: torch.Tensor, x: torch.Tensor) -> None:
+    assert flag.dtype == torch.bool and flag.dim() == 0 and flag.device == x.device
+    assert flag.item() == bool((~torch.isfinite(x)).any()), x
+
+
+def _assert_dx(dx, grad, codes, levels, bits, out_dtype, tol=(0.0, 0.0), flag=CLEAR) -> None:
+    ref = _ref_dx(grad, codes, flag, levels, bits, out_dtype)
     assert dx.dtype == out_dtype and dx.shape == grad.shape and dx.is_contiguous()
+    if flag.item():
+        assert dx.isnan().all(), f"{(~dx.isnan()).sum().item()} of {dx.numel()} values escaped the NaN poison"
+        return
     atol, rtol = tol
     if atol == 0 and rtol == 0:
         assert torch.equal(dx, ref), f"{(dx != ref).sum().item()} of {dx.numel()} values differ"
@@ -226,10 +237,21 @@ def _materialise(case: dict, seed: int, *, interpreter: bool = False) -> dict:
     return dict(case, x=x, grad=grad, codes=codes, thresholds=thresholds, levels=levels)
 
 
-def _check_case(m: dict, y, codes, dx, dx_tol) -> None:
+def _check_case(m: dict, y, codes, flag, dx, dx_poisoned, dx_tol) -> None:
+    """``dx`` came from code_grad with the flag clear, ``dx_poisoned`` with it set."""
     _assert_codes(codes, m["x"], m["thresholds"], m["bits"])
+    _assert_flag(flag, m["x"])
     _assert_y(y, m["x"], m["activation"], m["out_dtype"])
     _assert_dx(dx, m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"], dx_tol)
+    _assert_dx(dx_poisoned, m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"], flag=SET)
+
+
+def _run_case(m: dict, act_pack, code_grad) -> tuple:
+    """(y, codes, flag, dx with the flag clear, dx with it set) from one implementation."""
+    y, codes, flag = act_pack(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
+    dev = m["grad"].device
+    dx = [code_grad(m["grad"], m["codes"], f.to(dev), m["levels"], m["bits"], m["out_dtype"]) for f in (CLEAR, SET)]
+    return (y, codes, flag, *dx)
 
 
 # ---------------------------------------------------------------------------
@@ -261,20 +283,29 @@ HAND_DX = (torch.tensor([1.0, 2.0, 3.0, 4.0]) * torch.tensor(GELU2_LEVELS, dtype
 class TestTorchOps:
     @pytest.mark.parametrize("bits,thresholds,x,expected", HAND_CODES)
     def test_hand_checked_bytes(self, bits, thresholds, x, expected):
-        _, codes = torch.ops.approxbp.act_pack(torch.tensor(x), "gelu", thresholds, bits, torch.float32)
+        _, codes, flag = torch.ops.approxbp.act_pack(torch.tensor(x), "gelu", thresholds, bits, torch.float32)
         assert codes.tolist() == expected
+        assert flag.item() == any(math.isnan(v) for v in x)
+
+    @pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
+    def test_any_non_finite_element_sets_the_flag(self, poison):
+        x = torch.randn(1001)
+        assert not torch.ops.approxbp.act_pack(x, "gelu", GELU2_THRESHOLDS, 2, torch.float32)[2].item()
+        x[517] = poison
+        assert torch.ops.approxbp.act_pack(x, "gelu", GELU2_THRESHOLDS, 2, torch.float32)[2].item()
 
     def test_hand_checked_dx(self):
         grad = torch.tensor([1.0, 2.0, 3.0, 4.0])
-        dx = torch.ops.approxbp.code_grad(grad, torch.tensor([228], dtype=torch.uint8), GELU2_LEVELS, 2, torch.float32)
+        codes = torch.tensor([228], dtype=torch.uint8)
+        dx = torch.ops.approxbp.code_grad(grad, codes, CLEAR, GELU2_LEVELS, 2, torch.float32)
         assert dx.tolist() == HAND_DX
+        dx = torch.ops.approxbp.code_grad(grad, codes, SET, GELU2_LEVELS, 2, torch.float32)
+        assert dx.isnan().all()
 
     @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
     def test_against_reference(self, case):
         m = _materialise(case, seed=0)
-        y, codes = torch.ops.approxbp.act_pack(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
-        dx = torch.ops.approxbp.code_grad(m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"])
-        _check_case(m, y, codes, dx, (0.0, 0.0))
+        _check_case(m, *_run_case(m, torch.ops.approxbp.act_pack, torch.ops.approxbp.code_grad), (0.0, 0.0))
 
     @pytest.mark.parametrize("bits", BITS)
     @pytest.mark.parametrize("shape,transpose", [((7,), False), ((5, 9), True), ((0,), False), ((2, 3, 4), False)])
@@ -286,7 +317,7 @@ class TestTorchOps:
             x, grad = x.t(), grad.t()
         torch.library.opcheck(torch.ops.approxbp.act_pack.default, (x, "gelu", thresholds, bits, torch.bfloat16))
         codes = pack_codes(x, thresholds, bits)
-        torch.library.opcheck(torch.ops.approxbp.code_grad.default, (grad, codes, levels, bits, torch.float32))
+        torch.library.opcheck(torch.ops.approxbp.code_grad.default, (grad, codes, CLEAR, levels, bits, torch.float32))
 
     def test_bad_arguments(self):
         x = torch.randn(8)
@@ -295,7 +326,11 @@ class TestTorchOps:
         with pytest.raises(RuntimeError, match="bits"):
             torch.ops.approxbp.act_pack(x, "gelu", [0.0] * 31, 5, torch.float32)
         with pytest.raises(RuntimeError, match="do not cover"):
-            torch.ops.approxbp.code_grad(x, torch.zeros(3, dtype=torch.uint8), GELU2_LEVELS, 2, torch.float32)
+            torch.ops.approxbp.code_grad(x, torch.zeros(3, dtype=torch.uint8), CLEAR, GELU2_LEVELS, 2, torch.float32)
+        codes = torch.zeros(2, dtype=torch.uint8)
+        for bad_flag in (CLEAR[None], torch.tensor(0, dtype=torch.uint8)):
+            with pytest.raises(RuntimeError, match="0-d bool"):
+                torch.ops.approxbp.code_grad(x, codes, bad_flag, GELU2_LEVELS, 2, torch.float32)
 
     @pytest.mark.skipif(not act_codes.HAS_TRITON, reason="Triton is not installed")
     def test_cuda_kernels_registered(self):
@@ -348,18 +383,34 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         # torch.save keeps strides: the transposed inputs arrive non-contiguous.
         assert m["x"].is_contiguous() != (m["transpose"] and m["x"].numel() > 1), m["id"]
         ac._INT32_INDEX_LIMIT = 0 if m["force_int64"] else 2**31 - 1
-        y, codes = ac.act_pack_forward(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
-        dx = ac.code_grad_forward(m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"])
-        out["cases"][m["id"]] = (y, codes, dx)
+        y, codes, flag = ac.act_pack_forward(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
+        dx = [
+            ac.code_grad_forward(m["grad"], m["codes"], torch.tensor(f), m["levels"], m["bits"], m["out_dtype"])
+            for f in (False, True)
+        ]
+        out["cases"][m["id"]] = (y, codes, flag, *dx)
     ac._INT32_INDEX_LIMIT = 2**31 - 1
     for bits, thresholds, x, _ in inp["hand_codes"]:
-        out["hand_codes"].append(ac.act_pack_forward(torch.tensor(x), "gelu", thresholds, bits, torch.float32)[1])
+        out["hand_codes"].append(ac.act_pack_forward(torch.tensor(x), "gelu", thresholds, bits, torch.float32)[1:])
+    # The flag across several programs: clear on finite input, set by one NaN
+    # in the last program's tail or by one -inf in the first.
+    finite = torch.linspace(-6, 6, 5001)
+    flags = []
+    for pos, val in ((None, 0.0), (5000, float("nan")), (0, float("-inf"))):
+        x = finite.clone()
+        if pos is not None:
+            x[pos] = val
+        flags.append(ac.act_pack_forward(x, "silu", inp["thresholds"], 2, torch.float32)[2].item())
+    out["flags"] = flags
     out["hand_dx"] = ac.code_grad_forward(
-        torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([228], dtype=torch.uint8), inp["levels"], 2, torch.float32
+        torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([228], dtype=torch.uint8), torch.tensor(False),
+        inp["levels"], 2, torch.float32,
     )
     # A strided (non-contiguous) codes tensor.
     big = torch.stack([inp["strided_codes"], torch.zeros_like(inp["strided_codes"])], 1).reshape(-1)
-    out["strided_dx"] = ac.code_grad_forward(inp["strided_grad"], big[::2], inp["levels"], 2, torch.float16)
+    out["strided_dx"] = ac.code_grad_forward(
+        inp["strided_grad"], big[::2], torch.tensor(False), inp["levels"], 2, torch.float16
+    )
     out["seconds"] = time.perf_counter() - t0
     torch.save(out, sys.argv[2])
     """
@@ -377,7 +428,12 @@ def interpreted(tmp_path_factory):
     strided_codes = pack_codes(_make_x((1001,), torch.float32, GELU2_THRESHOLDS, 99), GELU2_THRESHOLDS, 2)
     torch.save(
         dict(
-            cases=cases, hand_codes=HAND_CODES, levels=GELU2_LEVELS, strided_grad=strided_grad, strided_codes=strided_codes
+            cases=cases,
+            hand_codes=HAND_CODES,
+            thresholds=GELU2_THRESHOLDS,
+            levels=GELU2_LEVELS,
+            strided_grad=strided_grad,
+            strided_codes=strided_codes,
         ),
         d / "in.pt",
     )
@@ -403,12 +459,17 @@ class TestInterpreter:
     @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
     def test_against_reference(self, interpreted, case):
         m = interpreted["inputs"][case["id"]]
-        y, codes, dx = interpreted["cases"][case["id"]]
-        _check_case(m, y, codes, dx, DX_TOL_INTERPRETER[m["out_dtype"]])
+        y, codes, flag, dx, dx_poisoned = interpreted["cases"][case["id"]]
+        _check_case(m, y, codes, flag, dx, dx_poisoned, DX_TOL_INTERPRETER[m["out_dtype"]])
 
     def test_hand_checked_bytes(self, interpreted):
-        got = [c.tolist() for c in interpreted["hand_codes"]]
+        got = [c.tolist() for c, _ in interpreted["hand_codes"]]
         assert got == [expected for *_, expected in HAND_CODES]
+        flags = [f.item() for _, f in interpreted["hand_codes"]]
+        assert flags == [any(map(math.isnan, x)) for _, _, x, _ in HAND_CODES]
+
+    def test_flag_across_programs(self, interpreted):
+        assert interpreted["flags"] == [False, True, True]
 
     def test_hand_checked_dx(self, interpreted):
         assert interpreted["hand_dx"].tolist() == HAND_DX
@@ -445,17 +506,14 @@ class TestCUDA:
         if case["force_int64"]:
             monkeypatch.setattr(act_codes, "_INT32_INDEX_LIMIT", 0)
         m = _cuda(_materialise(case, seed=0))
-        y, codes = act_codes.act_pack_forward(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
-        dx = act_codes.code_grad_forward(m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"])
-        assert y.is_cuda and codes.is_cuda and dx.is_cuda
-        _check_case(m, y, codes, dx, (0.0, 0.0))
+        out = _run_case(m, act_codes.act_pack_forward, act_codes.code_grad_forward)
+        assert all(t.is_cuda for t in out)
+        _check_case(m, *out, (0.0, 0.0))
 
     @pytest.mark.parametrize("case", CASES[:: len(DTYPES) + 1], ids=[c["id"] for c in CASES[:: len(DTYPES) + 1]])
     def test_torch_ops_dispatch_to_kernels(self, case):
         m = _cuda(_materialise(case, seed=1))
-        y, codes = torch.ops.approxbp.act_pack(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
-        dx = torch.ops.approxbp.code_grad(m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"])
-        _check_case(m, y, codes, dx, (0.0, 0.0))
+        _check_case(m, *_run_case(m, torch.ops.approxbp.act_pack, torch.ops.approxbp.code_grad), (0.0, 0.0))
 
     @pytest.mark.parametrize("bits", BITS)
     def test_opcheck(self, bits):
@@ -464,7 +522,8 @@ class TestCUDA:
         grad = _make_grad((11, 37), torch.float32, seed=bits).cuda()
         torch.library.opcheck(torch.ops.approxbp.act_pack.default, (x, "silu", thresholds, bits, torch.float32))
         codes = pack_codes(x, thresholds, bits)
-        torch.library.opcheck(torch.ops.approxbp.code_grad.default, (grad, codes, levels, bits, torch.bfloat16))
+        flag = CLEAR.cuda()
+        torch.library.opcheck(torch.ops.approxbp.code_grad.default, (grad, codes, flag, levels, bits, torch.bfloat16))
 
     @pytest.mark.parametrize("bits", (2, 3))
     def test_large(self, bits):
@@ -472,10 +531,12 @@ class TestCUDA:
         thresholds, levels = _tables("gelu", bits)
         x = (torch.randn(n, device="cuda") * 4).to(torch.bfloat16)
         grad = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        y, codes = act_codes.act_pack_forward(x, "gelu", thresholds, bits, torch.bfloat16)
+        x[n // 2] = math.nan  # one non-finite element among 2**24: the flag must see it
+        y, codes, flag = act_codes.act_pack_forward(x, "gelu", thresholds, bits, torch.bfloat16)
         _assert_codes(codes, x, thresholds, bits)
+        _assert_flag(flag, x)
         _assert_y(y, x, "gelu", torch.bfloat16)
-        dx = act_codes.code_grad_forward(grad, codes, levels, bits, torch.bfloat16)
+        dx = act_codes.code_grad_forward(grad, codes, CLEAR.cuda(), levels, bits, torch.bfloat16)
         _assert_dx(dx, grad, codes, levels, bits, torch.bfloat16)
 
     @pytest.mark.slow
@@ -487,14 +548,14 @@ class TestCUDA:
         if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
             pytest.skip("needs ~20 GiB free on the GPU")
         x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        y, codes = act_codes.act_pack_forward(x, "gelu", thresholds, 2, torch.bfloat16)
+        y, codes, _ = act_codes.act_pack_forward(x, "gelu", thresholds, 2, torch.bfloat16)
         start = (n // 4 - 4096) * 4  # byte-aligned (4 codes per byte)
         assert torch.equal(codes[start // 4 :], pack_codes(x[start:], thresholds, 2))
         _assert_y(y[start:], x[start:], "gelu", torch.bfloat16)
         _assert_y(y[:4096], x[:4096], "gelu", torch.bfloat16)
         del y
         grad = x  # any values will do
-        dx = act_codes.code_grad_forward(grad, codes, levels, 2, torch.bfloat16)
+        dx = act_codes.code_grad_forward(grad, codes, CLEAR.cuda(), levels, 2, torch.bfloat16)
         _assert_dx(dx[start:], grad[start:], codes[start // 4 :], levels, 2, torch.bfloat16)
 
     def test_no_host_copy_after_first_call(self):

@@ -22,27 +22,30 @@ def _uses_ops(gm) -> int:
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 @pytest.mark.parametrize("numel", [1, 7, 64, 1001])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_lowered_graph_matches_the_ops_bit_for_bit(bits, numel, dtype):
+@pytest.mark.parametrize("poison", [None, "nan", "inf"])
+def test_lowered_graph_matches_the_ops_bit_for_bit(bits, numel, dtype, poison):
     tab = table("gelu", bits)
     thr, lvl = list(tab.thresholds), list(tab.levels)
 
     def f(x, g):
-        y, codes = torch.ops.approxbp.act_pack(x, "gelu", thr, bits, dtype)
-        return y, codes, torch.ops.approxbp.code_grad(g, codes, lvl, bits, dtype)
+        y, codes, flag = torch.ops.approxbp.act_pack(x, "gelu", thr, bits, dtype)
+        return y, codes, flag, torch.ops.approxbp.code_grad(g, codes, flag, lvl, bits, dtype)
 
     x = torch.randn(numel, dtype=dtype) * 4
-    x[0] = float("nan")  # NaN's code is 0 on every path
-    if numel > 2:
-        x[1], x[2] = float("inf"), thr[len(thr) // 2]  # +inf, and a value on a threshold
+    x[numel // 2] = thr[len(thr) // 2]  # a value on a threshold
+    if poison:
+        x[-1] = float(poison)  # NaN's code is 0 and +inf's the top on every path; the flag is set
     g = torch.randn(numel, dtype=dtype)
     gm = make_fx(f, tracing_mode="symbolic")(x, g)
     assert _uses_ops(gm) == 2
     assert lower_act_codes.lower(gm) == 2
     assert _uses_ops(gm) == 0
-    (y, codes, dx), (y0, codes0, dx0) = gm(x, g), f(x, g)
-    # Codes and gradient are integer logic and one float32 multiply: exact.
+    (y, codes, flag, dx), (y0, codes0, flag0, dx0) = gm(x, g), f(x, g)
+    # Codes, flag and gradient are integer logic and one float32 multiply: exact.
     torch.testing.assert_close(codes, codes0, rtol=0, atol=0)
+    assert flag.dtype == torch.bool and flag.dim() == 0 and flag.item() == flag0.item() == (poison is not None)
     torch.testing.assert_close(dx, dx0, rtol=0, atol=0, equal_nan=True)
+    assert dx.isnan().all() if poison else dx.isfinite().all()
     # y is the activation through inductor's decomposition (erf written out), as
     # inductor computes it anyway: equal to aten's kernel to float32 rounding (1e-6, as test_forward_equals_inductor).
     torch.testing.assert_close(y, y0, equal_nan=True, **({"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {}))
@@ -58,8 +61,8 @@ def test_compiled_graphs_hold_the_ops_only_when_asked(lowering, monkeypatch):
     def spy(self, gm, joint_inputs, **kwargs):
         fw, bw = real(self, gm, joint_inputs, **kwargs)
         vals = [n.meta.get("val") for n in bw.graph.nodes if n.op == "placeholder"]
-        uint8_inputs = sum(isinstance(v, torch.Tensor) and v.dtype == torch.uint8 for v in vals)
-        seen.append((_uses_ops(fw), _uses_ops(bw), uint8_inputs))
+        dtypes = [v.dtype for v in vals if isinstance(v, torch.Tensor)]
+        seen.append((_uses_ops(fw), _uses_ops(bw), dtypes.count(torch.uint8), dtypes.count(torch.bool)))
         return fw, bw
 
     monkeypatch.setattr(approxbp_fx.partition.ApproxBPPartitioner, "__call__", spy)
@@ -69,8 +72,9 @@ def test_compiled_graphs_hold_the_ops_only_when_asked(lowering, monkeypatch):
     fn = torch.compile(model, backend=approxbp_fx.backend(ApproxBPConfig(act_lowering=lowering)))
     fn(x).float().sum().backward()
     expected = 1 if lowering == "kernels" else 0
-    # Either way backward reads the codes, not the activation's input: one uint8 tensor crosses the cut.
-    assert seen == [(expected, expected, 1)]
+    # Either way backward reads the codes and the flag, not the activation's
+    # input: one uint8 and one bool tensor cross the cut.
+    assert seen == [(expected, expected, 1, 1)]
 
 
 def test_lowerings_give_the_same_gradients():
