@@ -153,8 +153,10 @@ def _classify(x: fx.Node, closure: list[fx.Node], order, cfg: ApproxBPConfig) ->
         shape=tuple(xv.shape),
         dtype=xv.dtype,
     )
-    if any(n.meta.get("recompute") is not None for n in closure):
+    if any(n.meta.get("recompute") is not None for n in closure[1:]):
         # Activation checkpointing already drops x; a non-recomputable custom op would re-save it.
+        # x itself (closure[0]) may be a checkpoint region's output, tagged but
+        # saved as the region's result: the activation is then outside it.
         return site.with_skip("inside an activation-checkpoint region")
 
     dx, g, region, why = _find_gradient(x, closure, order, name)

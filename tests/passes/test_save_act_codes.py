@@ -139,3 +139,25 @@ def test_residual_keeps_its_exact_branch():
     gh = g @ model.out.weight
     want = (gh + gh * step_derivative(h, table("gelu", 2))) @ model.fc.weight
     torch.testing.assert_close(gx, want, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_after_a_checkpointed_producer_is_measured_not_blamed_on_the_checkpoint():
+    # fc1 runs under torch.utils.checkpoint, the GELU does not. The GELU's input
+    # is the region's output, tagged for recompute in the joint graph, so the
+    # partitioner recomputes it from fc1's input in backward and saves nothing
+    # for the GELU: codes could only add bytes. The site is kept exact by the
+    # measurement, and its reason must not claim it sits inside the region.
+    import torch.utils.checkpoint as checkpoint
+
+    class CheckpointedFc1(MLP):
+        def forward(self, x):
+            return self.fc2(self.act(checkpoint.checkpoint(self.fc1, x, use_reentrant=False)))
+
+    reports = []
+    model = CheckpointedFc1(nn.GELU())
+    ours = saved_bytes(model, "approxbp", _x(), reports=reports)
+    (report,) = reports
+    (decision,) = report.sites
+    assert decision.site.activation == "gelu" and not decision.rewritten
+    assert decision.reason.startswith("measured"), decision.reason
+    assert ours == saved_bytes(model, "inductor", _x())
