@@ -56,7 +56,9 @@ def test_saves_only_codes():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         approx_activation(x * 1.0, "gelu", 2)
-    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 250)]
+    # The packed codes, and the 0-d non-finite flag (1 byte).
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, 250), (torch.bool, 1)]
+    assert not saved[1].item()
 
 
 # --- MS-BP in eager form ---------------------------------------------------
@@ -138,8 +140,9 @@ def test_swap_modules_shares_the_norm_output_and_saves_codes(dtype, autocast):
     assert isinstance(model.norm, MSNorm)
     tokens, d = 2 * 37, 64
     # Saved after the swap: the norm output (bf16, shared with fc1), r (fp32 a row),
-    # fc1's output codes (2 bits), the GELU output (bf16, fc2's input).
-    want = tokens * d * 2 + tokens * 4 + tokens * 3 * d // 4 + tokens * 3 * d * 2
+    # fc1's output codes (2 bits) and its non-finite flag (1 byte), the GELU
+    # output (bf16, fc2's input).
+    want = tokens * d * 2 + tokens * 4 + tokens * 3 * d // 4 + 1 + tokens * 3 * d * 2
     assert swapped == want
     assert swapped < plain
 
