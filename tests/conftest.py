@@ -69,17 +69,21 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def compiled(model, tier: str, cfg: ApproxBPConfig | None = None, reports: list | None = None):
-    """``model`` at one rung of the climb: eager -> aot_eager -> inductor -> approxbp."""
+def compiled(model, tier: str, cfg: ApproxBPConfig | None = None, reports: list | None = None, dynamic=None):
+    """``model`` at one rung of the climb: eager -> aot_eager -> inductor -> approxbp.
+
+    ``dynamic`` is ``torch.compile``'s (None: automatic dynamic).
+    """
     on_report = reports.append if reports is not None else None
     if tier == "eager":
         return model
     if tier == "inductor":
-        return torch.compile(model, backend="inductor")
+        return torch.compile(model, backend="inductor", dynamic=dynamic)
     if tier == "aot_eager":
-        return torch.compile(model, backend=approxbp_fx.backend(cfg, compiler="aot_eager", on_report=on_report))
+        backend = approxbp_fx.backend(cfg, compiler="aot_eager", on_report=on_report)
+        return torch.compile(model, backend=backend, dynamic=dynamic)
     if tier == "approxbp":
-        return torch.compile(model, backend=approxbp_fx.backend(cfg, on_report=on_report))
+        return torch.compile(model, backend=approxbp_fx.backend(cfg, on_report=on_report), dynamic=dynamic)
     raise ValueError(tier)
 
 

@@ -147,7 +147,7 @@ MODES = {
 def _inductor_bytes() -> dict[tuple[int, int], int]:
     """Inductor's saved bytes at every step (compiled dynamic; shapes alone decide them)."""
     model = _model()
-    fn = torch.compile(model, backend="inductor", dynamic=True)
+    fn = compiled(model, "inductor", dynamic=True)
     return {(b, s): _step(fn, model, *_inputs(b, s, 0))[0] for b, s in [*STEPS, SIZE_ONE]}
 
 
@@ -212,7 +212,7 @@ def test_activation_constant_lifted_by_dynamic_true_is_still_found():
     torch.manual_seed(0)
     model = MLP(_ScaledSigmoidGELU(), d=D, hidden=H)
     reports = []
-    fn = torch.compile(model, backend=approxbp_fx.backend(on_report=reports.append), dynamic=True)
+    fn = compiled(model, "approxbp", reports=reports, dynamic=True)
     _step(fn, model, *_inputs(3, 5, seed=0))
     assert [(d.site.op, d.rewritten) for r in reports for d in r.sites] == [("quick_gelu", True)]
 

@@ -71,11 +71,11 @@ def _forward(fn, x, autocast):
         return fn(x)
 
 
-def _step(model, tier, x, g, *, cfg=None, autocast=None, reports=None):
+def _step(model, tier, x, g, *, cfg=None, autocast=None, reports=None, dynamic=None):
     """One training step: (saved activation bytes, fp32 copies of d(out·g)/d(x if floating, parameters))."""
     model.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(x.is_floating_point())
-    fn = compiled(model, tier, cfg, reports)
+    fn = compiled(model, tier, cfg, reports, dynamic=dynamic)
     loss = lambda out: sum((o.float() * g.float()).sum() for o in (out if isinstance(out, tuple) else (out,)))
     if autocast is None:
         nbytes = saved_activation_bytes(fn, x, params=model, loss_fn=loss)
@@ -478,16 +478,12 @@ def test_epsilon_lifted_by_dynamic_true_is_still_a_norm(form, monkeypatch):
     model = _randomise(NormBlock(NORM_FORMS[form][1](D)))
     x, g = _x(), _x()
     reports = []
-    backend = approxbp_fx.backend(compiler="aot_eager", on_report=reports.append)
-    xg = x.clone().requires_grad_(True)
-    (torch.compile(model, backend=backend, dynamic=True)(xg) * g).sum().backward()
-    got = [xg.grad, *(p.grad for p in model.parameters())]
+    got = _grads(model, "aot_eager", x, g, reports=reports, dynamic=True)
 
     (graph,) = graphs
     (rstd,) = graph.graph.find_nodes(op="call_function", target=torch.ops.aten.rsqrt.default)
     assert isinstance(rstd.args[0].args[1], torch.fx.Node), "eps was not lifted: this test no longer tests that"
     assert [(d.site.op, d.rewritten) for d in norm_sites(reports)] == [("rms_norm", True)]
-    model.zero_grad(set_to_none=True)
     assert _rel_err(got, _grads(model, "eager", x, g)) <= FP32_RTOL
 
 
