@@ -87,6 +87,28 @@ def compiled(model, tier: str, cfg: ApproxBPConfig | None = None, reports: list 
     raise ValueError(tier)
 
 
+def forced_rule_backend(rule, cfg: ApproxBPConfig | None = None):
+    """A torch.compile backend that applies ``rule`` to every site it can, paying or not.
+
+    AOTAutograd with the rule's own ``find_sites`` and ``apply_sites`` on the
+    joint graph, then the min-cut partitioner, graphs run op by op: the
+    rewrite's numerics, separated from the profitability decision. The number
+    of sites rewritten in the last compile is left in ``forced_rule_backend.applied``.
+    """
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    cfg = cfg or ApproxBPConfig()
+
+    def partition(gm, joint_inputs, **kwargs):
+        sites = [s for s in rule.find_sites(gm, cfg) if s.skip is None]
+        forced_rule_backend.applied = len(rule.apply_sites(gm, sites, cfg))
+        return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
+    run = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731
+    return aot_autograd(fw_compiler=run, bw_compiler=run, partition_fn=partition)
+
+
 def saved_bytes(model, tier, *args, cfg=None, reports=None, autocast=None):
     fn = compiled(model, tier, cfg, reports)
     if autocast is None:

@@ -1,13 +1,17 @@
-"""Activation forward + k-bit derivative codes, and the code-driven backward.
+"""k-bit derivative codes of an activation's input, and the code-driven backward.
 
 Two custom ops carry Approx-BP through inductor:
 
-``approxbp::act_pack(x, activation, thresholds, bits, out_dtype) -> (y, codes, nonfinite)``
-    ``y = h(x)`` exactly (float32 math, one rounding to ``out_dtype``);
+``approxbp::act_pack(x, thresholds, bits) -> (codes, nonfinite)``
     ``codes``: a 1-D uint8 tensor of ``ceil(numel / (8 // bits))`` bytes where
     element ``i`` of ``x`` (row-major logical order, any strides) holds
     ``#{j : x_i > thresholds[j]}`` at bit ``(i % per) * bits`` of byte ``i // per``;
     ``nonfinite``: a 0-d bool, whether any ``x_i`` is NaN or ±inf.
+    NaN and -inf get code 0, +inf the top code (float32 compares); the flag is
+    what carries them to backward.
+    The activation's output is not computed here: the graph's own nodes keep
+    computing it, so the forward is inductor's to the bit
+    (:mod:`approxbp_fx.passes.save_act_codes`).
 
 ``approxbp::code_grad(grad, codes, nonfinite, levels, bits, out_dtype) -> dx``
     ``dx_i = grad_i * levels[code_i]``, the derivative of the piecewise-linear
@@ -26,9 +30,11 @@ registration.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
-from ..activations import exact_forward
 from ..reference import code_grad_of, nonfinite_flag, pack_codes, packed_numel
 
 try:  # The CPU path must work without Triton.
@@ -46,31 +52,7 @@ __all__ = ["act_pack", "code_grad", "HAS_TRITON"]
 # Triton kernels
 # ---------------------------------------------------------------------------
 
-# Activation ids, the ``ACT`` constexpr of the forward kernel.
-_ACT_IDS = {"gelu": 0, "gelu_tanh": 1, "silu": 2, "quick_gelu": 3}
-
 if HAS_TRITON:
-
-    @triton.jit
-    def _activation(x, ACT: tl.constexpr):
-        """``h(x)`` in float32 for an fp32 tile ``x``.
-
-        Only core ops (erf, exp, arithmetic): libdevice-only functions such as
-        tanh do not run under ``TRITON_INTERPRET=1``.
-        """
-        if ACT == 0:  # gelu (erf): 0.5 * x * (1 + erf(x / sqrt(2)))
-            y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        elif ACT == 1:  # gelu_tanh
-            # 0.5 * x * (1 + tanh(z)) == x * sigmoid(2z) exactly, and the right
-            # side avoids the cancellation in 1 + tanh(z) for negative z, so no
-            # tanh is needed. z is formed in the same order as activations.py.
-            z = 0.7978845608028654 * (x + 0.044715 * (x * x * x))
-            y = x / (1.0 + tl.exp(-2.0 * z))
-        elif ACT == 2:  # silu: x * sigmoid(x)
-            y = x / (1.0 + tl.exp(-x))
-        else:  # quick_gelu: x * sigmoid(1.702 x), CLIP's constant
-            y = x / (1.0 + tl.exp(-1.702 * x))
-        return y
 
     @triton.jit
     def _byte_tile(numel, PER: tl.constexpr, BLOCK_B: tl.constexpr, IDX64: tl.constexpr):
@@ -89,15 +71,13 @@ if HAS_TRITON:
         return rows, fields, elem, elem < numel
 
     @triton.jit
-    def _act_pack_fwd_kernel(
+    def _act_pack_kernel(
         x_ptr,  # contiguous input, fp32/fp16/bf16
-        y_ptr,  # contiguous output, same numel, out dtype
         codes_ptr,  # uint8, n_bytes
         flag_ptr,  # bool, 1 element, zeroed by the launcher
         thr_ptr,  # fp32, N_THR ascending thresholds
         numel,
         n_bytes,
-        ACT: tl.constexpr,
         BITS: tl.constexpr,
         PER: tl.constexpr,  # 8 // BITS codes per byte: 8, 4, 2 or 2 (a power of two)
         N_THR: tl.constexpr,  # 2**BITS - 1
@@ -105,10 +85,7 @@ if HAS_TRITON:
         IDX64: tl.constexpr,  # int64 offsets (when numel is near/above 2**31)
     ):
         rows, fields, elem, mask = _byte_tile(numel, PER, BLOCK_B, IDX64)
-
         x = tl.load(x_ptr + elem, mask=mask, other=0.0).to(tl.float32)
-        y = _activation(x, ACT)
-        tl.store(y_ptr + elem, y.to(y_ptr.dtype.element_ty), mask=mask)
 
         # code = #{j : x > t_j}; float32 compares, so NaN counts nothing (code 0).
         code = tl.zeros([BLOCK_B, PER], dtype=tl.int32)
@@ -146,7 +123,7 @@ if HAS_TRITON:
         code = (byte[:, None] >> (fields[None, :] * BITS)) & (N_LVL - 1)
         # levels[code] as a chain of selects over the 2**BITS scalars: no
         # per-element memory traffic. (A gather from the 64-byte table is the
-        # alternative; untuned, worth measuring at BITS=4.)
+        # alternative, at BITS=4; docs/kernels.md has what was measured.)
         d = tl.zeros([BLOCK_B, PER], dtype=tl.float32)
         for j in tl.static_range(N_LVL):
             d = tl.where(code == j, tl.load(lvl_ptr + j), d)
@@ -160,46 +137,41 @@ if HAS_TRITON:
 # Launchers
 # ---------------------------------------------------------------------------
 
-import contextlib  # noqa: E402  (kept inside this section on purpose)
-
-# Elements per program. Untuned (no GPU in the session that wrote this): 1024
-# elements is the usual size for a memory-bound elementwise Triton kernel, 8
-# per thread at 4 warps, enough bytes in flight per SM without spilling; each
-# program writes 1024 / per whole code bytes. Measure on H100 before changing.
+# Elements per program: 1024, 8 per thread at 4 warps, the usual size for a
+# memory-bound elementwise Triton kernel; each program writes 1024 / per whole
+# code bytes. docs/kernels.md has the H100 figures at this size.
 _ELEMS_PER_PROGRAM = 1024
-# 4 warps = 128 threads: the Triton default for elementwise kernels. Untuned.
+# 4 warps = 128 threads: the Triton default for elementwise kernels.
 _NUM_WARPS = 4
 # Offsets are int32 unless the largest offset a launch computes (masked tail
-# included) could pass this; then the kernel is specialised to int64. Module
-# level so the tests can lower it to exercise the int64 path on small inputs.
-_INT32_INDEX_LIMIT = 2**31 - 1
+# included) could pass this; then the kernel is specialised to int64.
+INT32_INDEX_LIMIT = 2**31 - 1
 # Float dtypes the kernels read and write; anything else goes to the torch code.
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# (device, values) -> fp32 tensor of thresholds/levels on that device, so a
-# training step makes no host->device copy after its first call. The key space
-# is the handful of (activation, bits) tables in use, so it is never evicted.
-# Under CUDA-graph capture the first call must happen in warm-up, as it does
-# with inductor's cudagraph trees.
-# Keyed on float.hex so that -0.0 and 0.0 stay apart and a NaN still hits.
-_SCALARS: dict[tuple[torch.device, tuple[str, ...]], torch.Tensor] = {}
+
+@functools.lru_cache(maxsize=64)
+def _cached_scalars(device: torch.device, hexes: tuple[str, ...]) -> torch.Tensor:
+    return torch.tensor([float.fromhex(h) for h in hexes], dtype=torch.float32, device=device)
 
 
 def _device_scalars(values, device: torch.device) -> torch.Tensor:
-    key = (device, tuple(float(v).hex() for v in values))
-    t = _SCALARS.get(key)
-    if t is None:
-        t = torch.tensor([float(v) for v in values], dtype=torch.float32, device=device)
-        _SCALARS[key] = t
-    return t
+    """``values`` as an fp32 tensor on ``device``, made once per (device, table).
+
+    A training step then makes no host->device copy after its first call (under
+    CUDA-graph capture that first call must happen in warm-up, as it does with
+    inductor's cudagraph trees). Keyed on float.hex so that -0.0 and 0.0 stay
+    apart; bounded, since a process uses a handful of (activation, bits) tables.
+    """
+    return _cached_scalars(device, tuple(float(v).hex() for v in values))
 
 
-def _launch_geometry(numel: int, bits: int) -> tuple[int, int, int, int, bool]:
+def _launch_geometry(numel: int, bits: int, index_limit: int = INT32_INDEX_LIMIT) -> tuple[int, int, int, int, bool]:
     per = 8 // bits
     n_bytes = (numel + per - 1) // per
     block_b = _ELEMS_PER_PROGRAM // per  # a power of two: tl.arange needs one
     grid = (n_bytes + block_b - 1) // block_b
-    idx64 = grid * block_b * per > _INT32_INDEX_LIMIT
+    idx64 = grid * block_b * per > index_limit
     return per, n_bytes, block_b, grid, idx64
 
 
@@ -211,10 +183,9 @@ def _on_device(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def act_pack_torch(x: torch.Tensor, activation: str, thresholds, bits: int, out_dtype: torch.dtype):
+def act_pack_torch(x: torch.Tensor, thresholds, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-torch ``approxbp::act_pack``: the CPU kernel, and the fallback for dtypes Triton skips."""
-    y = exact_forward(activation, x, out_dtype).contiguous()
-    return y, pack_codes(x, thresholds, bits), nonfinite_flag(x)
+    return pack_codes(x, thresholds, bits), nonfinite_flag(x)
 
 
 def code_grad_torch(
@@ -224,39 +195,34 @@ def code_grad_torch(
     return code_grad_of(grad, codes, nonfinite, levels, bits, out_dtype).contiguous()
 
 
-def act_pack_forward(
-    x: torch.Tensor, activation: str, thresholds, bits: int, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Triton ``approxbp::act_pack``: ``(h(x) as out_dtype, packed codes, non-finite flag)``, contiguous.
+def launch_act_pack(
+    x: torch.Tensor, thresholds, bits: int, *, index_limit: int = INT32_INDEX_LIMIT
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton ``approxbp::act_pack``: ``(packed codes, non-finite flag)``, contiguous.
 
     Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1``.
+    ``index_limit`` lowers the int64-offset switch, so tests reach that path on small inputs.
     """
     _check_args(bits, n_thresholds=len(thresholds))
-    act = _ACT_IDS.get(activation)
-    if act is None:
-        raise ValueError(f"approxbp: unknown activation {activation!r}; expected one of {tuple(_ACT_IDS)}")
-    if x.dtype not in _KERNEL_DTYPES or out_dtype not in _KERNEL_DTYPES:
+    if x.dtype not in _KERNEL_DTYPES:
         # float64 (never rewritten by the backend) and exotic dtypes: the torch
         # code is exact and runs on any device.
-        return act_pack_torch(x, activation, thresholds, bits, out_dtype)
+        return act_pack_torch(x, thresholds, bits)
     x = x.contiguous()  # the contract is row-major logical order
     numel = x.numel()
-    per, n_bytes, block_b, grid, idx64 = _launch_geometry(numel, bits)
-    y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    per, n_bytes, block_b, grid, idx64 = _launch_geometry(numel, bits, index_limit)
     codes = torch.empty((n_bytes,), dtype=torch.uint8, device=x.device)
     nonfinite = torch.zeros((), dtype=torch.bool, device=x.device)
     if numel == 0:
-        return y, codes, nonfinite
+        return codes, nonfinite
     with _on_device(x):
-        _act_pack_fwd_kernel[(grid,)](
+        _act_pack_kernel[(grid,)](
             x,
-            y,
             codes,
             nonfinite,
             _device_scalars(thresholds, x.device),
             numel,
             n_bytes,
-            ACT=act,
             BITS=bits,
             PER=per,
             N_THR=len(thresholds),
@@ -264,11 +230,18 @@ def act_pack_forward(
             IDX64=idx64,
             num_warps=_NUM_WARPS,
         )
-    return y, codes, nonfinite
+    return codes, nonfinite
 
 
-def code_grad_forward(
-    grad: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, levels, bits: int, out_dtype: torch.dtype
+def launch_code_grad(
+    grad: torch.Tensor,
+    codes: torch.Tensor,
+    nonfinite: torch.Tensor,
+    levels,
+    bits: int,
+    out_dtype: torch.dtype,
+    *,
+    index_limit: int = INT32_INDEX_LIMIT,
 ) -> torch.Tensor:
     """Triton ``approxbp::code_grad``: ``grad * levels[code]`` (NaN if ``nonfinite``) as ``out_dtype``, contiguous."""
     _check_args(bits, n_levels=len(levels))
@@ -279,7 +252,7 @@ def code_grad_forward(
     grad = grad.contiguous()
     codes = codes.contiguous()
     numel = grad.numel()
-    per, n_bytes, block_b, grid, idx64 = _launch_geometry(numel, bits)
+    per, n_bytes, block_b, grid, idx64 = _launch_geometry(numel, bits, index_limit)
     dx = torch.empty(grad.shape, dtype=out_dtype, device=grad.device)
     if numel == 0:
         return dx
@@ -321,19 +294,16 @@ def _check_args(bits: int, n_thresholds: int | None = None, n_levels: int | None
 
 
 @torch.library.custom_op("approxbp::act_pack", mutates_args=())
-def act_pack(
-    x: torch.Tensor, activation: str, thresholds: list[float], bits: int, out_dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def act_pack(x: torch.Tensor, thresholds: list[float], bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     _check_args(bits, n_thresholds=len(thresholds))
-    return act_pack_torch(x, activation, thresholds, bits, out_dtype)
+    return act_pack_torch(x, thresholds, bits)
 
 
 @act_pack.register_fake
-def _(x, activation, thresholds, bits, out_dtype):
+def _(x, thresholds, bits):
     _check_args(bits, n_thresholds=len(thresholds))
-    y = x.new_empty(x.shape, dtype=out_dtype)
     codes = x.new_empty((packed_numel(x.numel(), bits),), dtype=torch.uint8)
-    return y, codes, x.new_empty((), dtype=torch.bool)
+    return codes, x.new_empty((), dtype=torch.bool)
 
 
 @torch.library.custom_op("approxbp::code_grad", mutates_args=())
@@ -372,9 +342,9 @@ def _check_codes(grad: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tenso
 if HAS_TRITON:
 
     @act_pack.register_kernel("cuda")
-    def _(x, activation, thresholds, bits, out_dtype):
-        return act_pack_forward(x, activation, thresholds, bits, out_dtype)
+    def _(x, thresholds, bits):
+        return launch_act_pack(x, thresholds, bits)
 
     @code_grad.register_kernel("cuda")
     def _(grad, codes, nonfinite, levels, bits, out_dtype):
-        return code_grad_forward(grad, codes, nonfinite, levels, bits, out_dtype)
+        return launch_code_grad(grad, codes, nonfinite, levels, bits, out_dtype)

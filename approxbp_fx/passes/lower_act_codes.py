@@ -16,7 +16,8 @@ So, post-partition, each call is replaced by the aten ops of its plain-torch
 implementation (:func:`~approxbp_fx.kernels.act_codes.act_pack_torch` and
 ``code_grad_torch``, the very code the ops run on CPU), traced with
 inductor's decompositions. Inductor then generates and fuses the kernels,
-Triton on CUDA and C++ on CPU. The saved set is unchanged: the codes are
+Triton on CUDA and C++ on CPU: the pack joins the kernel that computes the
+activation from the same ``x``. The saved set is unchanged: the codes are
 still a forward output consumed by backward, with the same bytes.
 
 Maths (``bits = k``, ``per = 8 // k`` codes a byte, thresholds ``c``,
@@ -75,8 +76,8 @@ def _inline(graph: fx.Graph, node: fx.Node, traced: fx.GraphModule, inputs: list
 
 
 def _lower_act_pack(graph: fx.Graph, node: fx.Node) -> None:
-    x, activation, thresholds, bits, out_dtype = node.args
-    fn = lambda t: act_pack_torch(t, activation, thresholds, bits, out_dtype)  # noqa: E731
+    x, thresholds, bits = node.args
+    fn = lambda t: act_pack_torch(t, thresholds, bits)  # noqa: E731
     outs = _inline(graph, node, _trace(fn, [x.meta["val"]]), [x])
     for user in list(node.users):
         # The rewrite reads the op's outputs only through getitem.

@@ -3,15 +3,29 @@
 By the time a joint graph reaches us, ``F.gelu`` is ``mul/erf/add``, the
 GPT-2 formula is ``pow/mul/tanh``, autocast has sprinkled dtype casts, and the
 backward is whatever autograd's chain rule produced for the user's formula.
-Matching each spelling is a losing game, so the rules use two facts instead:
+Matching each spelling is a losing game, so the rules use three facts instead:
 
-* the *unary closure* of a node ``x``: every pointwise node whose tensor
-  inputs are all ``x`` or already in the closure, i.e. every node that is a
-  function of ``x`` alone;
-* *probing*: such a subgraph is evaluated in float64 at fixed points, with
-  dtype casts as the identity, and compared with a known function. Two
-  analytic functions that agree at 161 points of [-8, 8] to 1e-9 are, for our
-  purposes, the same function; erf-GELU and tanh-GELU differ by up to 5e-4.
+* the *unary closure* of a node ``x``: every node whose tensor inputs are all
+  ``x`` or already in the closure, i.e. every node that is a function of ``x``
+  alone, built from the **smooth** ops of :data:`SMOOTH` only;
+* *probing*: such a subgraph is evaluated in float64, with dtype casts as the
+  identity, and compared with a known function at :data:`PROBE_X`;
+* *soundness*: compositions of :data:`SMOOTH` ops are real-analytic wherever
+  they are finite, and two analytic functions that agree to 1e-9 at the 161
+  dense points of [-8, 8] agree everywhere (an analytic difference that
+  vanishes on a set with an accumulation point vanishes identically; the
+  tolerance stands in for "vanishes" against rounding). So a ``clamp``,
+  ``where``, ``minimum``/``maximum``, ``abs``, ``sign``, rounding op or
+  comparison, which can equal GELU on [-8, 8] and not beyond, never joins a
+  closure: ``clip(gelu(x), -10, 10)`` is the GELU ``gelu(x)`` whose output a
+  clip reads, and ``gelu(x.clamp(-10, 10))`` is a GELU of the clamp's output.
+  The probes also run far outside [-8, 8] (up to 1e100, and down to
+  subnormals), which backs the argument numerically: a closure must match
+  there too wherever the known function is finite.
+
+The probes hold no ±inf or NaN: the forward is never replaced, and a
+rewritten backward is NaN wherever its input held one (the non-finite flag),
+whatever the function, so probing there could prove nothing.
 """
 
 from __future__ import annotations
@@ -40,9 +54,11 @@ CASTS = frozenset(
 TRANSCENDENTAL = frozenset(
     {
         aten.erf.default,
+        aten.erfc.default,
         aten.tanh.default,
         aten.sigmoid.default,
         aten.exp.default,
+        aten.expm1.default,
         aten.gelu.default,
         aten.silu.default,
         aten.gelu_backward.default,
@@ -52,9 +68,48 @@ TRANSCENDENTAL = frozenset(
     }
 )
 
-# Fixed probe points: dense where the activations bend, wide enough to see tails.
-PROBE_X = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
-_PROBE_G = torch.randn(161, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+# The ops a recognised closure or gradient region may contain (see the module
+# docstring): real-analytic wherever finite. pow needs an integer exponent
+# (checked in is_smooth), or x**p is not analytic at 0.
+SMOOTH = CASTS | TRANSCENDENTAL | frozenset(
+    {
+        aten.add.Tensor,
+        aten.add.Scalar,
+        aten.sub.Tensor,
+        aten.sub.Scalar,
+        aten.rsub.Scalar,
+        aten.rsub.Tensor,
+        aten.mul.Tensor,
+        aten.mul.Scalar,
+        aten.div.Tensor,
+        aten.div.Scalar,
+        aten.neg.default,
+        aten.reciprocal.default,
+        aten.pow.Tensor_Scalar,
+    }
+)
+
+
+def _probe_points() -> torch.Tensor:
+    """Where closures are compared with the known functions, float64.
+
+    161 dense points of [-8, 8] (where the activations bend: what pins the
+    function down), then the tails out to 1e100 (past every float32/bfloat16
+    value; x**3 still finite), small and subnormal magnitudes, and 64 seeded
+    log-uniform points of either sign.
+    """
+    gen = torch.Generator().manual_seed(0)
+    dense = torch.linspace(-8.0, 8.0, 161, dtype=torch.float64)
+    mags = [10.0, 12.0, 16.0, 24.0, 32.0, 50.0, 100.0, 300.0, 1e3, 1e4, 1e6, 1e10, 1e20, 1e38, 1e100]
+    mags += [1e-3, 1e-8, 1e-30, 1e-300, 2.0**-1074, 2.0**-1030]
+    wide = torch.tensor(mags, dtype=torch.float64)
+    rand = 10.0 ** (torch.rand(64, dtype=torch.float64, generator=gen) * 8 - 4)
+    rand = rand * torch.where(torch.rand(64, generator=gen) < 0.5, -1.0, 1.0).double()
+    return torch.cat([dense, wide, -wide, rand])
+
+
+PROBE_X = _probe_points()
+_PROBE_G = torch.randn(PROBE_X.numel(), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
 PROBE_G = _PROBE_G + torch.sign(_PROBE_G)  # bounded away from 0 so g*f(x) pins f
 PROBE_RTOL = 1e-9
 PROBE_ATOL = 1e-9
@@ -74,6 +129,20 @@ def is_pointwise(node: fx.Node) -> bool:
         return False
     tags = target.tags
     return torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags
+
+
+def is_smooth(node: fx.Node) -> bool:
+    """A pointwise op of :data:`SMOOTH`: may join a closure or gradient region that is probed."""
+    if node.target not in SMOOTH or not is_pointwise(node):
+        return False
+    if node.target in CASTS:
+        # A cast to an integer dtype rounds: it is no identity.
+        val, src = tensor_val(node), tensor_val(node.args[0]) if node.args else None
+        return val is not None and src is not None and val.is_floating_point() and src.is_floating_point()
+    if node.target is aten.pow.Tensor_Scalar:
+        e = node.args[1]
+        return isinstance(e, (int, float)) and not isinstance(e, bool) and float(e).is_integer()
+    return True
 
 
 def tensor_val(node) -> torch.Tensor | None:
@@ -143,7 +212,7 @@ def unary_closure(x: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node] | None
         if n in seen:
             continue
         seen.add(n)
-        if not is_pointwise(n) or not same_shape(n, x):
+        if not is_smooth(n) or not same_shape(n, x):
             continue
         if not all(a in members for a in tensor_args(n)):
             continue
@@ -176,9 +245,19 @@ def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, torch.Tensor]) -> dict
 
 
 def matches(value: torch.Tensor, expected: torch.Tensor) -> bool:
+    """``value`` equals ``expected`` at every probe where ``expected`` is finite.
+
+    A spelling that overflows where the function does not (``x / (1 + exp(-x))``
+    differentiated at -1e100 is -1e100 * inf / inf = NaN) does not match: its
+    own backward would be NaN there, and a finite step derivative would not be
+    that spelling's gradient.
+    """
     if value.shape != expected.shape or not value.is_floating_point():
         return False
-    return bool(torch.allclose(value, expected, rtol=PROBE_RTOL, atol=PROBE_ATOL))
+    finite = expected.isfinite()
+    if not bool(value[finite].isfinite().all()):
+        return False
+    return bool(torch.allclose(value[finite], expected[finite], rtol=PROBE_RTOL, atol=PROBE_ATOL))
 
 
 def has_transcendental(nodes: Iterable[fx.Node]) -> bool:
@@ -204,7 +283,7 @@ def linear_region(
         if n in seen:
             continue
         seen.add(n)
-        if not is_pointwise(n) or not same_shape(n, x):
+        if not is_smooth(n) or not same_shape(n, x):
             continue
         leaves: set[fx.Node] = set()
         for a in tensor_args(n):

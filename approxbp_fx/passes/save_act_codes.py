@@ -8,18 +8,26 @@ QuickGELU, SiLU; casts and autocast included)::
 
 After::
 
-    x ──approxbp.act_pack──▶ (y, codes, nonfinite) ──y──▶ consumers
+    x ──h(x) as pointwise ops──▶ y ──▶ consumers        # untouched: inductor's forward, bit for bit
+    x ──approxbp.act_pack──▶ (codes, nonfinite)
     g, codes, nonfinite ──approxbp.code_grad──▶ dx   # dx = g * level[code(x)]
 
 ``x`` leaves the saved set; ``codes`` (numel * bits / 8 bytes) and a 1-byte
 flag, set if ``x`` held a NaN or ±inf (dx is then NaN, as the exact one would
 be where it matters for GradScaler), take its place.
 ``y`` is saved only if a backward node other than ``dx`` reads it (a trainable
-next linear's weight gradient); the custom op is not recomputable, so the
-partitioner then saves ``y`` rather than re-deriving it from ``x``. That is why
-the rule does not pay in SwiGLU, where inductor recomputes ``silu(g)`` from
-``g`` and saves only ``g``: :mod:`approxbp_fx.partition` measures each site with
-the real partitioner and keeps the unprofitable ones exact.
+next linear's weight gradient): it is then an input of a matmul in backward,
+which the partitioner never recomputes, so it saves ``y`` rather than ``x``.
+That is why the rule does not pay in SwiGLU, where inductor recomputes
+``silu(g)`` from ``g`` and saves only ``g``: :mod:`approxbp_fx.partition`
+measures each site with the real partitioner and keeps the unprofitable ones
+exact (a site where ``x`` is still in the backward graph after the rewrite
+is one of them).
+
+Recognition is sound, not sampled (:mod:`.pointwise`): the closure and the
+gradient region hold only smooth ops, so a clamp, clip or ``where`` around
+the activation is never taken for part of it; ``clip(gelu(x))`` is a GELU of
+``x`` whose gradient reaches it through the clip's mask.
 """
 
 from __future__ import annotations
@@ -44,7 +52,6 @@ __all__ = ["ActSite", "find_sites", "predict", "apply_site", "apply_sites", "rew
 
 _act_pack = torch.ops.approxbp.act_pack.default
 _code_grad = torch.ops.approxbp.code_grad.default
-_convert = torch.ops.prims.convert_element_type.default
 
 # Probe values of each exact activation and of g * h'(x), computed once.
 _PROBE_Y = {name: activation_fn(name)(pw.PROBE_X) for name in ACTIVATIONS}
@@ -84,9 +91,14 @@ class ActSite:
         return {*self.closure, *self.x_aliases, *self.aliases}
 
     @property
-    def nodes(self) -> set[str]:
-        """The nodes the rewrite reads or replaces."""
-        return self.tensors
+    def reads(self) -> set[str]:
+        """The nodes the rewrite reads and leaves in place (the forward stays as it is)."""
+        return {*self.tensors, *([self.g] if self.g else [])}
+
+    @property
+    def writes(self) -> set[str]:
+        """The nodes the rewrite replaces or erases: the gradient and the chain-rule nodes feeding it."""
+        return {*([self.dx] if self.dx else []), *self.grad_region}
 
     @property
     def must_leave_backward(self) -> tuple[str, ...]:
@@ -198,41 +210,34 @@ def _find_gradient(x, closure, order, name):
 
 
 def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> set[str]:
-    """Rewrite one site in place (see the module docstring); returns the new nodes' names."""
+    """Rewrite one site in place (see the module docstring); returns the new nodes' names.
+
+    The forward is left as it is: ``act_pack`` only reads ``x``, beside the
+    nodes that compute ``h(x)``, which keep computing it.
+    """
     assert site.skip is None and site.dx is not None, site
     nodes = {n.name: n for n in gm.graph.nodes}
     x, dx, g = nodes[site.x], nodes[site.dx], nodes[site.g]
-    ys = [nodes[n] for n in site.ys]
+    first_y = nodes[site.ys[0]]  # find_sites lists them in graph order
     tab = table(site.activation, cfg.bits)
     graph = gm.graph
 
-    first_y = ys[0]  # find_sites lists them in graph order
-    out_dtype = first_y.meta["val"].dtype
-    pack_args = (x, site.activation, list(tab.thresholds), cfg.bits, out_dtype)
+    pack_args = (x, list(tab.thresholds), cfg.bits)
     with graph.inserting_before(first_y):
         pack = graph.call_function(_act_pack, pack_args)
         vals = fake_run(_act_pack, pack_args)
         copy_meta(pack, first_y, vals)
-        y_new, codes, nonfinite = (graph.call_function(operator.getitem, (pack, i)) for i in range(3))
-        for node, val in zip((y_new, codes, nonfinite), vals):
+        codes, nonfinite = (graph.call_function(operator.getitem, (pack, i)) for i in range(2))
+        for node, val in zip((codes, nonfinite), vals):
             copy_meta(node, first_y, val)
-    for y in ys:
-        dtype = y.meta["val"].dtype
-        if dtype == out_dtype:
-            y.replace_all_uses_with(y_new)
-            continue
-        with graph.inserting_after(y_new):
-            cast = graph.call_function(_convert, (y_new, dtype))
-            copy_meta(cast, y, fake_run(_convert, (y_new, dtype)))
-        y.replace_all_uses_with(cast)
 
     grad_args = (g, codes, nonfinite, list(tab.levels), cfg.bits, dx.meta["val"].dtype)
     with graph.inserting_before(dx):
         dx_new = graph.call_function(_code_grad, grad_args)
         copy_meta(dx_new, dx, fake_run(_code_grad, grad_args))
     dx.replace_all_uses_with(dx_new)
-    _erase_dead(graph, [*(nodes[n] for n in site.grad_region), *ys, *(nodes[n] for n in site.closure[1:])])
-    new = {pack, y_new, codes, nonfinite}
+    _erase_dead(graph, [nodes[n] for n in site.grad_region])
+    new = {pack, codes, nonfinite}
     return {n.name for n in new} | {v.name for n in new for v in pw.view_descendants(n)}
 
 

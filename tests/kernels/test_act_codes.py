@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from approxbp_fx.activations import ACTIVATIONS, exact_forward
+from approxbp_fx.activations import ACTIVATIONS
 from approxbp_fx.coefficients import table
 from approxbp_fx.kernels import act_codes
 from approxbp_fx.reference import code_grad_of, nonfinite_flag, pack_codes, packed_numel
@@ -42,18 +42,6 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GELU2_THRESHOLDS = [-3.18588, -0.00118, 3.19083]
 GELU2_LEVELS = [0.0, -0.04922, 1.04874, 1.0]
 
-# (atol, rtol) for y = h(x) against activations.exact_forward. Both sides do
-# float32 maths and round once; they differ by an ulp or two in float32 (erf,
-# exp and division implementations; gelu_tanh goes through x * sigmoid(2z)
-# instead of tanh), which can move a half/bfloat16 rounding by one ulp.
-# bfloat16 allows two ulps: the Triton *interpreter* truncates float32 ->
-# bfloat16 instead of rounding to nearest (the GPU rounds to nearest even).
-Y_TOL = {
-    torch.float32: (1e-6, 1e-6),
-    torch.float16: (1e-3, 1e-3),  # fp16 ulp is 2**-10 relative
-    torch.bfloat16: (1e-2, 1.6e-2),  # bf16 ulp is 2**-7 relative
-    torch.float64: (0.0, 0.0),  # the launcher hands float64 to the torch code
-}
 # dx = grad * level is one float32 multiply and one rounding on both sides:
 # bit-exact, except bfloat16 under the interpreter (truncation, one ulp).
 DX_TOL_INTERPRETER = {
@@ -76,19 +64,17 @@ def _tables(activation: str, bits: int) -> tuple[list[float], list[float]]:
     return thresholds, levels
 
 
-def _make_x(shape, dtype: torch.dtype, thresholds, seed: int, *, nan: bool = True) -> torch.Tensor:
+def _make_x(shape, dtype: torch.dtype, thresholds, seed: int) -> torch.Tensor:
     """Random values with the edge cases mixed in: each threshold exactly (in
     ``dtype``) and its neighbours either side, NaN, +-inf, +-0, large values.
-
-    ``nan=False`` leaves out NaN and -inf (whose h is NaN): opcheck compares
-    outputs without ``equal_nan``."""
+    (The ops output codes and a flag only, so opcheck takes NaN inputs too.)"""
     g = torch.Generator().manual_seed(seed)
     n = math.prod(shape)
     flat = (torch.randn(n, generator=g) * 4).to(dtype)
     t = torch.tensor(thresholds, dtype=torch.float32).to(dtype)
     up = torch.nextafter(t, torch.full_like(t, math.inf))
     down = torch.nextafter(t, torch.full_like(t, -math.inf))
-    specials = [math.inf, 0.0, -0.0, 1e4, -1e4, 30.0, -30.0] + ([math.nan, -math.inf] if nan else [])
+    specials = [math.inf, 0.0, -0.0, 1e4, -1e4, 30.0, -30.0, math.nan, -math.inf]
     specials = torch.tensor(specials, dtype=dtype)
     specials = torch.cat([t, up, down, specials])
     k = min(n, specials.numel())
@@ -109,20 +95,6 @@ CLEAR, SET = torch.tensor(False), torch.tensor(True)
 
 def _ref_dx(grad, codes, flag, levels, bits, out_dtype) -> torch.Tensor:
     return code_grad_of(grad, codes, flag.to(grad.device), levels, bits, out_dtype)
-
-
-def _assert_y(y: torch.Tensor, x: torch.Tensor, activation: str, out_dtype: torch.dtype) -> None:
-    ref = exact_forward(activation, x, out_dtype)
-    assert y.dtype == out_dtype and y.shape == x.shape and y.is_contiguous()
-    atol, rtol = Y_TOL[out_dtype]
-    torch.testing.assert_close(y, ref, atol=atol, rtol=rtol, equal_nan=True)
-    # The kernel target: within 1e-6 of float32 torch for |x| < 10 (relative
-    # above |y| = 1, where 1e-6 is a few float32 ulps).
-    if out_dtype == torch.float32:
-        small = x.float().abs() < 10
-        if small.any():
-            err = (y[small] - ref[small]).abs() / ref[small].abs().clamp(min=1.0)
-            assert err.max().item() <= 1e-6, f"max error {err.max().item():.3g} for |x| < 10"
 
 
 def _assert_codes(codes: torch.Tensor, x: torch.Tensor, thresholds, bits: int) -> None:
@@ -156,6 +128,7 @@ def _assert_dx(dx, grad, codes, levels, bits, out_dtype, tol=(0.0, 0.0), flag=CL
 
 
 def _case(cid, activation, bits, shape, dtype, out_dtype=None, *, transpose=False, grad_dtype=None, force_int64=False):
+    # ``activation`` picks the table (thresholds, levels); ``out_dtype`` is code_grad's.
     return dict(
         id=cid,
         activation=activation,
@@ -237,21 +210,23 @@ def _materialise(case: dict, seed: int, *, interpreter: bool = False) -> dict:
     return dict(case, x=x, grad=grad, codes=codes, thresholds=thresholds, levels=levels)
 
 
-def _check_case(m: dict, y, codes, flag, dx, dx_poisoned, dx_tol) -> None:
+def _check_case(m: dict, codes, flag, dx, dx_poisoned, dx_tol) -> None:
     """``dx`` came from code_grad with the flag clear, ``dx_poisoned`` with it set."""
     _assert_codes(codes, m["x"], m["thresholds"], m["bits"])
     _assert_flag(flag, m["x"])
-    _assert_y(y, m["x"], m["activation"], m["out_dtype"])
     _assert_dx(dx, m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"], dx_tol)
     _assert_dx(dx_poisoned, m["grad"], m["codes"], m["levels"], m["bits"], m["out_dtype"], flag=SET)
 
 
-def _run_case(m: dict, act_pack, code_grad) -> tuple:
-    """(y, codes, flag, dx with the flag clear, dx with it set) from one implementation."""
-    y, codes, flag = act_pack(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
+def _run_case(m: dict, act_pack, code_grad, **launch) -> tuple:
+    """(codes, flag, dx with the flag clear, dx with it set) from one implementation."""
+    codes, flag = act_pack(m["x"], m["thresholds"], m["bits"], **launch)
     dev = m["grad"].device
-    dx = [code_grad(m["grad"], m["codes"], f.to(dev), m["levels"], m["bits"], m["out_dtype"]) for f in (CLEAR, SET)]
-    return (y, codes, flag, *dx)
+    dx = [
+        code_grad(m["grad"], m["codes"], f.to(dev), m["levels"], m["bits"], m["out_dtype"], **launch)
+        for f in (CLEAR, SET)
+    ]
+    return (codes, flag, *dx)
 
 
 # ---------------------------------------------------------------------------
@@ -283,16 +258,16 @@ HAND_DX = (torch.tensor([1.0, 2.0, 3.0, 4.0]) * torch.tensor(GELU2_LEVELS, dtype
 class TestTorchOps:
     @pytest.mark.parametrize("bits,thresholds,x,expected", HAND_CODES)
     def test_hand_checked_bytes(self, bits, thresholds, x, expected):
-        _, codes, flag = torch.ops.approxbp.act_pack(torch.tensor(x), "gelu", thresholds, bits, torch.float32)
+        codes, flag = torch.ops.approxbp.act_pack(torch.tensor(x), thresholds, bits)
         assert codes.tolist() == expected
         assert flag.item() == any(math.isnan(v) for v in x)
 
     @pytest.mark.parametrize("poison", [math.nan, math.inf, -math.inf])
     def test_any_non_finite_element_sets_the_flag(self, poison):
         x = torch.randn(1001)
-        assert not torch.ops.approxbp.act_pack(x, "gelu", GELU2_THRESHOLDS, 2, torch.float32)[2].item()
+        assert not torch.ops.approxbp.act_pack(x, GELU2_THRESHOLDS, 2)[1].item()
         x[517] = poison
-        assert torch.ops.approxbp.act_pack(x, "gelu", GELU2_THRESHOLDS, 2, torch.float32)[2].item()
+        assert torch.ops.approxbp.act_pack(x, GELU2_THRESHOLDS, 2)[1].item()
 
     def test_hand_checked_dx(self):
         grad = torch.tensor([1.0, 2.0, 3.0, 4.0])
@@ -311,20 +286,20 @@ class TestTorchOps:
     @pytest.mark.parametrize("shape,transpose", [((7,), False), ((5, 9), True), ((0,), False), ((2, 3, 4), False)])
     def test_opcheck(self, bits, shape, transpose):
         thresholds, levels = _tables("gelu", bits)
-        x = _make_x(shape, torch.float32, thresholds, seed=bits, nan=False)
+        x = _make_x(shape, torch.float32, thresholds, seed=bits)
         grad = _make_grad(shape, torch.bfloat16, seed=bits)
         if transpose:
             x, grad = x.t(), grad.t()
-        torch.library.opcheck(torch.ops.approxbp.act_pack.default, (x, "gelu", thresholds, bits, torch.bfloat16))
+        torch.library.opcheck(torch.ops.approxbp.act_pack.default, (x, thresholds, bits))
         codes = pack_codes(x, thresholds, bits)
         torch.library.opcheck(torch.ops.approxbp.code_grad.default, (grad, codes, CLEAR, levels, bits, torch.float32))
 
     def test_bad_arguments(self):
         x = torch.randn(8)
         with pytest.raises(RuntimeError, match="thresholds"):
-            torch.ops.approxbp.act_pack(x, "gelu", [0.0, 1.0], 2, torch.float32)
+            torch.ops.approxbp.act_pack(x, [0.0, 1.0], 2)
         with pytest.raises(RuntimeError, match="bits"):
-            torch.ops.approxbp.act_pack(x, "gelu", [0.0] * 31, 5, torch.float32)
+            torch.ops.approxbp.act_pack(x, [0.0] * 31, 5)
         with pytest.raises(RuntimeError, match="do not cover"):
             torch.ops.approxbp.code_grad(x, torch.zeros(3, dtype=torch.uint8), CLEAR, GELU2_LEVELS, 2, torch.float32)
         codes = torch.zeros(2, dtype=torch.uint8)
@@ -344,6 +319,7 @@ class TestTorchOps:
         per, elems = 8 // bits, act_codes._ELEMS_PER_PROGRAM
         last_fit = (2**31 - 1) // elems * elems  # numel filling the last int32-safe program
         assert act_codes._launch_geometry(last_fit, bits)[4] is False
+        assert act_codes._launch_geometry(last_fit, bits, index_limit=0)[4] is True
         assert act_codes._launch_geometry(last_fit + 1, bits)[4] is True
         assert act_codes._launch_geometry(2**33 + 3, bits)[4] is True
         per_, n_bytes, block_b, grid, _ = act_codes._launch_geometry(4097, bits)
@@ -370,7 +346,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     import torch
     from approxbp_fx.kernels import act_codes as ac
 
-    kind = type(ac._act_pack_fwd_kernel).__name__
+    kind = type(ac._act_pack_kernel).__name__
     assert kind == "InterpretedFunction", f"kernels were not interpreted: {kind}"
     # numpy warns when exp(-x) overflows to inf for very negative x; that inf
     # is intended (x / inf -> -0, as torch gives).
@@ -382,16 +358,17 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
     for m in inp["cases"]:
         # torch.save keeps strides: the transposed inputs arrive non-contiguous.
         assert m["x"].is_contiguous() != (m["transpose"] and m["x"].numel() > 1), m["id"]
-        ac._INT32_INDEX_LIMIT = 0 if m["force_int64"] else 2**31 - 1
-        y, codes, flag = ac.act_pack_forward(m["x"], m["activation"], m["thresholds"], m["bits"], m["out_dtype"])
+        limit = 0 if m["force_int64"] else ac.INT32_INDEX_LIMIT
+        codes, flag = ac.launch_act_pack(m["x"], m["thresholds"], m["bits"], index_limit=limit)
         dx = [
-            ac.code_grad_forward(m["grad"], m["codes"], torch.tensor(f), m["levels"], m["bits"], m["out_dtype"])
+            ac.launch_code_grad(
+                m["grad"], m["codes"], torch.tensor(f), m["levels"], m["bits"], m["out_dtype"], index_limit=limit
+            )
             for f in (False, True)
         ]
-        out["cases"][m["id"]] = (y, codes, flag, *dx)
-    ac._INT32_INDEX_LIMIT = 2**31 - 1
+        out["cases"][m["id"]] = (codes, flag, *dx)
     for bits, thresholds, x, _ in inp["hand_codes"]:
-        out["hand_codes"].append(ac.act_pack_forward(torch.tensor(x), "gelu", thresholds, bits, torch.float32)[1:])
+        out["hand_codes"].append(ac.launch_act_pack(torch.tensor(x), thresholds, bits))
     # The flag across several programs: clear on finite input, set by one NaN
     # in the last program's tail or by one -inf in the first.
     finite = torch.linspace(-6, 6, 5001)
@@ -400,15 +377,15 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         x = finite.clone()
         if pos is not None:
             x[pos] = val
-        flags.append(ac.act_pack_forward(x, "silu", inp["thresholds"], 2, torch.float32)[2].item())
+        flags.append(ac.launch_act_pack(x, inp["thresholds"], 2)[1].item())
     out["flags"] = flags
-    out["hand_dx"] = ac.code_grad_forward(
+    out["hand_dx"] = ac.launch_code_grad(
         torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([228], dtype=torch.uint8), torch.tensor(False),
         inp["levels"], 2, torch.float32,
     )
     # A strided (non-contiguous) codes tensor.
     big = torch.stack([inp["strided_codes"], torch.zeros_like(inp["strided_codes"])], 1).reshape(-1)
-    out["strided_dx"] = ac.code_grad_forward(
+    out["strided_dx"] = ac.launch_code_grad(
         inp["strided_grad"], big[::2], torch.tensor(False), inp["levels"], 2, torch.float16
     )
     out["seconds"] = time.perf_counter() - t0
@@ -459,8 +436,8 @@ class TestInterpreter:
     @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
     def test_against_reference(self, interpreted, case):
         m = interpreted["inputs"][case["id"]]
-        y, codes, flag, dx, dx_poisoned = interpreted["cases"][case["id"]]
-        _check_case(m, y, codes, flag, dx, dx_poisoned, DX_TOL_INTERPRETER[m["out_dtype"]])
+        codes, flag, dx, dx_poisoned = interpreted["cases"][case["id"]]
+        _check_case(m, codes, flag, dx, dx_poisoned, DX_TOL_INTERPRETER[m["out_dtype"]])
 
     def test_hand_checked_bytes(self, interpreted):
         got = [c.tolist() for c, _ in interpreted["hand_codes"]]
@@ -497,16 +474,15 @@ def _cuda(m: dict) -> dict:
 class TestCUDA:
     @pytest.fixture(autouse=True)
     def _compiled(self):
-        kind = type(act_codes._act_pack_fwd_kernel).__name__
+        kind = type(act_codes._act_pack_kernel).__name__
         if kind == "InterpretedFunction":
             pytest.skip("TRITON_INTERPRET=1 in this process: the CUDA tests need compiled kernels")
 
     @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
-    def test_launchers(self, case, monkeypatch):
-        if case["force_int64"]:
-            monkeypatch.setattr(act_codes, "_INT32_INDEX_LIMIT", 0)
+    def test_launchers(self, case):
+        limit = 0 if case["force_int64"] else act_codes.INT32_INDEX_LIMIT
         m = _cuda(_materialise(case, seed=0))
-        out = _run_case(m, act_codes.act_pack_forward, act_codes.code_grad_forward)
+        out = _run_case(m, act_codes.launch_act_pack, act_codes.launch_code_grad, index_limit=limit)
         assert all(t.is_cuda for t in out)
         _check_case(m, *out, (0.0, 0.0))
 
@@ -518,9 +494,9 @@ class TestCUDA:
     @pytest.mark.parametrize("bits", BITS)
     def test_opcheck(self, bits):
         thresholds, levels = _tables("silu", bits)
-        x = _make_x((37, 11), torch.float16, thresholds, seed=bits, nan=False).cuda().t()
+        x = _make_x((37, 11), torch.float16, thresholds, seed=bits).cuda().t()
         grad = _make_grad((11, 37), torch.float32, seed=bits).cuda()
-        torch.library.opcheck(torch.ops.approxbp.act_pack.default, (x, "silu", thresholds, bits, torch.float32))
+        torch.library.opcheck(torch.ops.approxbp.act_pack.default, (x, thresholds, bits))
         codes = pack_codes(x, thresholds, bits)
         flag = CLEAR.cuda()
         torch.library.opcheck(torch.ops.approxbp.code_grad.default, (grad, codes, flag, levels, bits, torch.bfloat16))
@@ -532,11 +508,10 @@ class TestCUDA:
         x = (torch.randn(n, device="cuda") * 4).to(torch.bfloat16)
         grad = torch.randn(n, device="cuda", dtype=torch.bfloat16)
         x[n // 2] = math.nan  # one non-finite element among 2**24: the flag must see it
-        y, codes, flag = act_codes.act_pack_forward(x, "gelu", thresholds, bits, torch.bfloat16)
+        codes, flag = act_codes.launch_act_pack(x, thresholds, bits)
         _assert_codes(codes, x, thresholds, bits)
         _assert_flag(flag, x)
-        _assert_y(y, x, "gelu", torch.bfloat16)
-        dx = act_codes.code_grad_forward(grad, codes, CLEAR.cuda(), levels, bits, torch.bfloat16)
+        dx = act_codes.launch_code_grad(grad, codes, CLEAR.cuda(), levels, bits, torch.bfloat16)
         _assert_dx(dx, grad, codes, levels, bits, torch.bfloat16)
 
     @pytest.mark.slow
@@ -548,20 +523,17 @@ class TestCUDA:
         if torch.cuda.get_device_properties(0).total_memory < 40 * 2**30:
             pytest.skip("needs ~20 GiB free on the GPU")
         x = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        y, codes, _ = act_codes.act_pack_forward(x, "gelu", thresholds, 2, torch.bfloat16)
+        codes, _ = act_codes.launch_act_pack(x, thresholds, 2)
         start = (n // 4 - 4096) * 4  # byte-aligned (4 codes per byte)
         assert torch.equal(codes[start // 4 :], pack_codes(x[start:], thresholds, 2))
-        _assert_y(y[start:], x[start:], "gelu", torch.bfloat16)
-        _assert_y(y[:4096], x[:4096], "gelu", torch.bfloat16)
-        del y
         grad = x  # any values will do
-        dx = act_codes.code_grad_forward(grad, codes, CLEAR.cuda(), levels, 2, torch.bfloat16)
+        dx = act_codes.launch_code_grad(grad, codes, CLEAR.cuda(), levels, 2, torch.bfloat16)
         _assert_dx(dx[start:], grad[start:], codes[start // 4 :], levels, 2, torch.bfloat16)
 
     def test_no_host_copy_after_first_call(self):
         thresholds, _ = _tables("gelu", 2)
         x = torch.randn(1000, device="cuda")
-        act_codes.act_pack_forward(x, "gelu", thresholds, 2, torch.float32)
-        n_cached = len(act_codes._SCALARS)
-        act_codes.act_pack_forward(x, "gelu", thresholds, 2, torch.float32)
-        assert len(act_codes._SCALARS) == n_cached
+        act_codes.launch_act_pack(x, thresholds, 2)
+        n_cached = act_codes._cached_scalars.cache_info().currsize
+        act_codes.launch_act_pack(x, thresholds, 2)
+        assert act_codes._cached_scalars.cache_info().currsize == n_cached

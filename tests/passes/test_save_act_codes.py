@@ -8,7 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from approxbp_fx import ApproxBPConfig
-from tests.conftest import ACT_FORMS, DTYPES, MLP, compiled, kept_exact, rewrites, saved_bytes
+from approxbp_fx.passes import save_act_codes
+from approxbp_fx.reference import approx_activation
+from tests.conftest import ACT_FORMS, DTYPES, MLP, compiled, forced_rule_backend, kept_exact, rewrites, saved_bytes
 
 X_SHAPE = (3, 37, 64)  # 3*37 tokens: matches no weight shape, numel not a multiple of 4
 
@@ -161,3 +163,121 @@ def test_activation_after_a_checkpointed_producer_is_measured_not_blamed_on_the_
     assert decision.site.activation == "gelu" and not decision.rewritten
     assert decision.reason.startswith("measured"), decision.reason
     assert ours == saved_bytes(model, "inductor", _x())
+
+
+# --------------------------------------------------------------------------- sound recognition (issue 12)
+
+
+class FrozenTail(nn.Module):
+    """``fc2(act(fc1(x)))``; ``act`` any callable (a clamp or clip around an activation)."""
+
+    def __init__(self, act, d=16, hidden=40, frozen_second=True):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(d, hidden), act, nn.Linear(hidden, d)
+        self.fc2.requires_grad_(not frozen_second)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def _clipped_gelu():
+    from transformers.activations import ACT2FN
+
+    return ACT2FN["gelu_10"]  # ClippedGELUActivation: clip(gelu(x), -10, 10)
+
+
+# name -> (the activation inside, a factory of the callable, the same callable
+# with the step derivative for the gradient check)
+CLIPPED = {
+    "hf.gelu_10": ("gelu", _clipped_gelu, lambda h: torch.clip(approx_activation(h, "gelu"), -10, 10)),
+    "gelu.clamp(max=9)": ("gelu", lambda: lambda h: F.gelu(h).clamp(max=9), lambda h: approx_activation(h, "gelu").clamp(max=9)),
+    "gelu(clamp)": ("gelu", lambda: lambda h: F.gelu(h.clamp(-10, 10)), lambda h: approx_activation(h.clamp(-10, 10), "gelu")),
+    "silu.clamp(max=20)": ("silu", lambda: lambda h: F.silu(h).clamp(max=20), lambda h: approx_activation(h, "silu").clamp(max=20)),
+}
+
+
+def _wide_input(dtype):
+    # Pre-activations out to about +-40: well past every clamp above and past
+    # the [-8, 8] that sampled recognition used to look at.
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(3, 37, 16, generator=g) * 16).to(dtype)
+
+
+@pytest.mark.parametrize("form", list(CLIPPED))
+@pytest.mark.parametrize("dtype,frozen_second", [(torch.float32, True), (torch.bfloat16, False)], ids=str)
+def test_a_clamp_around_an_activation_keeps_the_forward_bit_for_bit(form, dtype, frozen_second):
+    # Sampled recognition took clip(gelu(x), -10, 10) for gelu(x) and replaced
+    # it: forward max 13.7 instead of 10 (and a KeyError crash for gelu(clamp)).
+    torch.manual_seed(0)
+    activation, make, _ = CLIPPED[form]
+    model = FrozenTail(make(), frozen_second=frozen_second).to(dtype)
+    x = _wide_input(dtype)
+    reports = []
+    ours = compiled(model, "approxbp", reports=reports)(x)
+    torch._dynamo.reset()
+    theirs = compiled(model, "inductor")(x)
+    assert torch.equal(ours, theirs)
+    assert model.fc1(x).abs().max() > 20  # the clamp bites: the test could tell
+    assert [d.site.activation for r in reports for d in r.sites] == [activation]
+
+
+@pytest.mark.parametrize("form", list(CLIPPED))
+def test_a_clamp_around_an_activation_keeps_its_own_gradient(form):
+    # Only the activation's derivative is approximated: the clamp's mask reaches
+    # the gradient as in exact training. The rule is forced (whether it pays
+    # is the partitioner's business, tested elsewhere), through aot_eager.
+    _, make, approximated = CLIPPED[form]
+    torch.manual_seed(0)
+    model = FrozenTail(make())
+    x = _wide_input(torch.float32)
+    torch.compile(model, backend=forced_rule_backend(save_act_codes))(x).sum().backward()
+    assert forced_rule_backend.applied == 1
+    ref = FrozenTail(approximated)
+    ref.load_state_dict(model.state_dict())
+    ref(x).sum().backward()
+    torch.testing.assert_close(model.fc1.weight.grad, ref.fc1.weight.grad, rtol=1e-5, atol=1e-5)
+    exact = FrozenTail(make())
+    exact.load_state_dict(model.state_dict())
+    exact(x).sum().backward()
+    assert not torch.allclose(model.fc1.weight.grad, exact.fc1.weight.grad, rtol=1e-3, atol=1e-3)  # non-vacuous
+
+
+def _gelu_times_far_bump(h):
+    # Equal to GELU to 1e-20 on [-8, 8] (exp(h - 60) < 1e-22 there), not beyond:
+    # 2x GELU at h = 60. Made of smooth ops only, so only probing tells.
+    return F.gelu(h) * (1 + torch.exp(h - 60))
+
+
+def test_a_function_that_is_gelu_only_near_zero_is_not_taken_for_gelu():
+    near = torch.linspace(-8, 8, 161, dtype=torch.float64)
+    assert torch.allclose(_gelu_times_far_bump(near), F.gelu(near), rtol=1e-12, atol=1e-12)  # the trap is real
+    torch.manual_seed(0)
+    model = FrozenTail(_gelu_times_far_bump)
+    x = _wide_input(torch.float32) * 2  # pre-activations past 60
+    torch.compile(model, backend=forced_rule_backend(save_act_codes))(x).sum().backward()
+    # GELU itself is a site, but its gradient reaches x only through the bump's
+    # factor: no node is g * gelu'(x), so nothing is rewritten and the gradient is exact.
+    assert forced_rule_backend.applied == 0
+    got = model.fc1.weight.grad.clone()
+    model.zero_grad()
+    model(x).sum().backward()
+    torch.testing.assert_close(got, model.fc1.weight.grad, rtol=1e-5, atol=1e-5)
+
+
+def _trunc(h):
+    return h.to(torch.int32).to(h.dtype)
+
+
+def test_a_round_trip_through_an_integer_dtype_is_no_identity():
+    # Casts are the identity to the probes, but only between float dtypes.
+    # Here gelu(h) is scaled by trunc(h) - h + 1, which an identity int cast
+    # would call 1: the rewrite would then drop the factor from the gradient.
+    torch.manual_seed(0)
+    model = FrozenTail(lambda h: F.gelu(h) * (_trunc(h) - h + 1))
+    x = _wide_input(torch.float32) / 4
+    torch.compile(model, backend=forced_rule_backend(save_act_codes))(x).sum().backward()
+    assert forced_rule_backend.applied == 1
+    ref = FrozenTail(lambda h: approx_activation(h, "gelu") * (_trunc(h) - h + 1))
+    ref.load_state_dict(model.state_dict())
+    ref(x).sum().backward()
+    torch.testing.assert_close(model.fc1.weight.grad, ref.fc1.weight.grad, rtol=1e-5, atol=1e-5)
