@@ -30,6 +30,7 @@ from .coefficients import StepTable, table
 # reporting
 from .explain import Explanation, explain
 from .measure import saved_activation_bytes
+from .partition import ApproxBPFallbackWarning
 
 __all__ = [
     # auto-apply
@@ -47,6 +48,7 @@ __all__ = [
     "explain",
     "Explanation",
     "saved_activation_bytes",
+    "ApproxBPFallbackWarning",
 ]
 
 __version__ = "0.1.0"

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, Union
 
@@ -37,9 +38,18 @@ from .passes.share_norm_input import NormSite
 
 log = logging.getLogger("approxbp_fx")
 
-__all__ = ["ApproxBPPartitioner", "SiteDecision", "GraphReport", "saved_tensors"]
+__all__ = ["ApproxBPPartitioner", "ApproxBPFallbackWarning", "SiteDecision", "GraphReport", "saved_tensors"]
 
 Site = Union[ActSite, NormSite]
+
+
+class ApproxBPFallbackWarning(UserWarning):
+    """The rewrite failed inside a compile; that graph was compiled exactly, as inductor's.
+
+    A compile must never fail where inductor's succeeds, so an internal error
+    costs the graph its savings, not the user's run. Every one is a bug worth
+    reporting; the test suite turns this warning into an error.
+    """
 
 
 @dataclass
@@ -68,24 +78,49 @@ def _copy(gm: fx.GraphModule) -> fx.GraphModule:
     deepcopy of the module would clone real constant tensors while the
     partitioner's FakeTensorMode is active, which torch refuses (seen on GPT-2
     under PEFT: "set the storage of a tensor on device meta ... cpu").
+    The graph is copied as ``Graph.__deepcopy__`` does, node by node, except
+    that its pytree codegen is shared, not deep-copied: nothing here changes
+    it, and deep-copying its TreeSpecs warns (a FutureWarning per compile on
+    torch 2.13 that plain inductor never prints).
     """
-    out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name=type(gm).__name__)
+    src = gm.graph
+    graph = fx.Graph(tracer_cls=src._tracer_cls)
+    output_vals = graph.graph_copy(src, {}, return_output_node=True)
+    graph._codegen = copy.copy(src._codegen)
+    if output_vals is not None:
+        value, old_output = output_vals
+        new_output = graph.output(value, type_expr=getattr(old_output, "type", None))
+        new_output.meta = copy.copy(old_output.meta)
+    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     out.meta = dict(getattr(gm, "meta", {}))
     return out
 
 
 def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[tuple[str, Site]]:
-    """``(rule, site)`` for every candidate of every enabled rule, in rule order."""
-    acts = save_act_codes.find_sites(gm, cfg) if cfg.save_act_codes else []
-    norms = share_norm_input.find_sites(gm, cfg) if cfg.share_norm_input else []
-    # One node, one owner: a norm whose nodes an activation site also rewrites
-    # (a norm feeding GELU directly) stays exact rather than being rewritten twice.
-    owned = {n for a in acts for n in a.nodes}
-    norms = [
-        n.with_skip("shares nodes with an activation site") if n.skip is None and n.nodes & owned else n
-        for n in norms
-    ]
-    return [("save_act_codes", s) for s in acts] + [("share_norm_input", s) for s in norms]
+    """``(rule, site)`` for every candidate of every enabled rule, in rule order.
+
+    One node, one owner (docs/invariants.md): a site that writes a node another
+    site reads or writes stays exact, whichever rule found either; the first
+    found keeps it. Two activation sites read the same incoming gradient
+    without conflict; a norm feeding a GELU directly is left to the GELU.
+    """
+    found = [("save_act_codes", s) for s in (save_act_codes.find_sites(gm, cfg) if cfg.save_act_codes else [])]
+    found += [("share_norm_input", s) for s in (share_norm_input.find_sites(gm, cfg) if cfg.share_norm_input else [])]
+    owners: list[Site] = []
+    out = []
+    for rule, site in found:
+        if site.skip is None:
+            other = next((o for o in owners if _conflict(site, o)), None)
+            if other is None:
+                owners.append(site)
+            else:
+                site = site.with_skip(f"shares nodes with the {other.op} site at {other.key} (one owner per node)")
+        out.append((rule, site))
+    return out
+
+
+def _conflict(a: Site, b: Site) -> bool:
+    return bool(a.writes & (b.reads | b.writes) or b.writes & a.reads)
 
 
 def _recompute_patch(cfg: ApproxBPConfig):
@@ -95,6 +130,30 @@ def _recompute_patch(cfg: ApproxBPConfig):
     from torch._functorch import config as functorch_config
 
     return functorch_config.patch(ban_recompute_materialized_backward=False)
+
+
+def _keep_exact(d: SiteDecision, why: str) -> None:
+    d.rewritten = False
+    d.reason = why
+    d.saved_after = d.saved_before
+
+
+def _losers(decisions, chosen, added, saved: dict[str, int], in_backward: set[str]) -> set:
+    """The chosen sites the trial partition shows not paying, marked exact; the others get their bytes."""
+    losers = set()
+    for k in chosen:
+        d = decisions[k]
+        names = d.site.tensors | added[k]
+        d.saved_after = sum(b for n, b in saved.items() if n in names)
+        if any(n in in_backward for n in d.site.must_leave_backward):
+            why = "measured: backward still reads the input after the rewrite"
+        elif d.saved_after >= d.saved_before:
+            why = "measured: the partitioner still saves as much here after the rewrite"
+        else:
+            continue
+        losers.add(k)
+        _keep_exact(d, why)
+    return losers
 
 
 class ApproxBPPartitioner(CustomPartitionerFn):
@@ -124,6 +183,17 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         inner = self.inner.uuid() if isinstance(self.inner, CustomPartitionerFn) else repr(self.inner)
         return (get_hash_for_files(files), self.cfg.key(), inner)
 
+    def __reduce__(self):
+        # AOTAutograd's and inductor's cache keys hash the pickled inductor
+        # config, this object included; the default pickle would carry the
+        # on_report callback (another per-process object). What decides the
+        # compiled code is the config and the inner partitioner, and the
+        # config pickles in a stable order (ApproxBPConfig.__reduce__), so a
+        # new process finds the graphs an earlier one compiled. A callback
+        # cannot cross processes anyway; one that is set turns the cache
+        # lookup off (backend.py), since a hit would skip the report.
+        return (type(self), (self.cfg, self.inner))
+
     def _partition(self, gm, joint_inputs, kwargs):
         # The baseline and every trial run under the same setting, so "never
         # more than the baseline" holds against the partitioner actually used.
@@ -135,69 +205,64 @@ class ApproxBPPartitioner(CustomPartitionerFn):
             return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
-        cfg = self.cfg
-        sites = find_sites(gm, cfg)
-        report = GraphReport()
         static = kwargs.get("static_lifetime_input_indices")
-        if not any(s.skip is None for _, s in sites):
-            fw, bw = self._partition(gm, joint_inputs, kwargs)
-            report.baseline_bytes = report.final_bytes = sum(saved_tensors(bw, gm, static).values())
+        sites, failure = self._find_sites(gm)
+        if failure is None and any(s.skip is None for _, s in sites):
+            # The baseline partitions the untouched graph: if the partitioner
+            # fails on that, inductor alone would fail too, so it may raise.
+            baseline = self._partition(_copy(gm), joint_inputs, kwargs)
+            try:
+                result, report = self._rewrite(gm, joint_inputs, kwargs, sites, baseline)
+            except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
+                result, failure = baseline, err
+        else:
+            result = self._partition(gm, joint_inputs, kwargs)
+        if failure is not None or not any(s.skip is None for _, s in sites):
+            report = self._exact_report(sites, failure, sum(saved_tensors(result[1], gm, static).values()))
+        self._finish(report)
+        return result
+
+    def _find_sites(self, gm: fx.GraphModule) -> tuple[list[tuple[str, Site]], Exception | None]:
+        try:
+            return find_sites(gm, self.cfg), None
+        except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
+            return [], err
+
+    def _exact_report(self, sites, failure: Exception | None, saved: int) -> GraphReport:
+        """Every site kept exact: for its own reason, or for the internal error that stopped the rewrite."""
+        report = GraphReport(baseline_bytes=saved, final_bytes=saved)
+        if failure is None:
             report.sites = [SiteDecision(s, False, s.skip or "", rule=r) for r, s in sites]
-            self._finish(report)
-            return fw, bw
+            return report
+        why = f"internal error in the rewrite, graph kept exact: {type(failure).__name__}: {failure}"
+        report.sites = [SiteDecision(s, False, why, rule=r) for r, s in sites]
+        warnings.warn(f"approxbp: {why}. The compile goes on as inductor's; please report this.",
+                      ApproxBPFallbackWarning, stacklevel=2)
+        log.debug("approxbp: the rewrite failed", exc_info=failure)
+        return report
 
-        base_fw, base_bw = self._partition(_copy(gm), joint_inputs, kwargs)
-        base_saved = saved_tensors(base_bw, gm, static)
-        report.baseline_bytes = sum(base_saved.values())
-
-        decisions: dict[tuple[str, str], SiteDecision] = {}
-        for rule, s in sites:
-            before = sum(base_saved.get(n, 0) for n in s.tensors)
-            d = SiteDecision(s, False, s.skip or "", before, before, rule)
-            if s.skip is None:
-                predicted, why = RULES[rule].predict(gm, s, base_saved, cfg)
-                d.rewritten = predicted < before
-                d.reason = why if not d.rewritten else "rewritten"
-            decisions[(rule, s.key)] = d
-
-        result = (base_fw, base_bw)
+    def _rewrite(self, gm, joint_inputs, kwargs, sites, baseline) -> tuple[tuple, GraphReport]:
+        """Keep the sites predicted to pay, then measure them with the real partitioner until none loses."""
+        cfg = self.cfg
+        static = kwargs.get("static_lifetime_input_indices")
+        base_saved = saved_tensors(baseline[1], gm, static)
+        report = GraphReport(baseline_bytes=sum(base_saved.values()))
+        decisions = self._predict(gm, sites, base_saved)
+        result = baseline
         chosen = {k for k, d in decisions.items() if d.rewritten}
         while chosen:
-            trial = _copy(gm)
-            # Node names survive deepcopy, so the sites found on gm apply to the copy.
-            added: dict[tuple[str, str], set[str]] = {}
-            for rule, module in RULES.items():
-                todo = [decisions[k].site for k in sorted(chosen) if k[0] == rule]
-                for key, names in module.apply_sites(trial, todo, cfg).items():
-                    added[(rule, key)] = names
+            trial, added = self._apply(gm, decisions, chosen)
             fw, bw = self._partition(trial, joint_inputs, kwargs)
             saved = saved_tensors(bw, trial, static)
-            in_backward = {n.name for n in bw.graph.nodes}
-            losers = set()
-            for k in chosen:
-                d = decisions[k]
-                names = d.site.tensors | added[k]
-                d.saved_after = sum(b for n, b in saved.items() if n in names)
-                if any(n in in_backward for n in d.site.must_leave_backward):
-                    why = "measured: backward still reads the input after the rewrite"
-                elif d.saved_after >= d.saved_before:
-                    why = "measured: the partitioner still saves as much here after the rewrite"
-                else:
-                    continue
-                losers.add(k)
-                d.rewritten = False
-                d.reason = why
-                d.saved_after = d.saved_before
+            losers = _losers(decisions, chosen, added, saved, {n.name for n in bw.graph.nodes})
             if not losers and sum(saved.values()) <= report.baseline_bytes:
                 result = (fw, bw)
                 report.final_bytes = sum(saved.values())
                 break
             if not losers:  # total grew although no site did: be safe, keep inductor's graph
-                for k in chosen:
-                    decisions[k].rewritten = False
-                    decisions[k].reason = "measured: total saved bytes grew"
-                    decisions[k].saved_after = decisions[k].saved_before
                 losers = set(chosen)
+                for k in losers:
+                    _keep_exact(decisions[k], "measured: total saved bytes grew")
             chosen -= losers
         if not chosen:
             report.final_bytes = report.baseline_bytes
@@ -206,8 +271,30 @@ class ApproxBPPartitioner(CustomPartitionerFn):
             for g in result:
                 lower_act_codes.lower(g)
         report.sites = list(decisions.values())
-        self._finish(report)
-        return result
+        return result, report
+
+    def _predict(self, gm, sites, base_saved) -> dict[tuple[str, str], SiteDecision]:
+        decisions: dict[tuple[str, str], SiteDecision] = {}
+        for rule, s in sites:
+            before = sum(base_saved.get(n, 0) for n in s.tensors)
+            d = SiteDecision(s, False, s.skip or "", before, before, rule)
+            if s.skip is None:
+                predicted, why = RULES[rule].predict(gm, s, base_saved, self.cfg)
+                d.rewritten = predicted < before
+                d.reason = why if not d.rewritten else "rewritten"
+            decisions[(rule, s.key)] = d
+        return decisions
+
+    def _apply(self, gm, decisions, chosen) -> tuple[fx.GraphModule, dict[tuple[str, str], set[str]]]:
+        """A copy of ``gm`` with the chosen sites rewritten, and each site's new saved candidates."""
+        trial = _copy(gm)
+        # Node names survive the copy, so the sites found on gm apply to it.
+        added: dict[tuple[str, str], set[str]] = {}
+        for rule, module in RULES.items():
+            todo = [decisions[k].site for k in sorted(chosen) if k[0] == rule]
+            for key, names in module.apply_sites(trial, todo, self.cfg).items():
+                added[(rule, key)] = names
+        return trial, added
 
     def _finish(self, report: GraphReport) -> None:
         # Tests assert exact match counts here, as inductor's pattern-matcher tests do.

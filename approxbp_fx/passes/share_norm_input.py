@@ -84,7 +84,8 @@ class NormSite:
 
     @property
     def key(self) -> str:
-        return self.x
+        # The statistic, not x: two norms may read one input (parallel branches).
+        return self.rstd
 
     @property
     def op(self) -> str:
@@ -94,6 +95,10 @@ class NormSite:
     def nodes(self) -> set[str]:
         """The nodes the rewrite reads or replaces."""
         return {*self.family, *self.chain, *self.inner, *self.stats, self.xhat, *self.x_aliases, *self.aliases}
+
+    # For ownership, every node of the norm counts as written: the rewrite
+    # re-points their backward readers, and may mark one of them MUST_SAVE.
+    reads = writes = nodes
 
     @property
     def tensors(self) -> set[str]:
