@@ -108,14 +108,26 @@ class ApproxBPConfig:
         return cls(**options)
 
     def key(self) -> tuple:
-        """A stable, order-independent description for compile-cache keys."""
-        return (
-            self.bits,
-            self.save_act_codes,
-            self.share_norm_input,
-            self.norm_share_dtype,
-            self.pointwise_recompute,
-            self.act_lowering,
-            tuple(sorted(self.activations)),
-            tuple(sorted(str(d) for d in self.dtypes)),
-        )
+        """A stable, order-independent description for compile-cache keys: every field, by name."""
+        return tuple((name, _stable(value, str)) for name, value in self._items())
+
+    def _items(self) -> list[tuple[str, object]]:
+        return [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+
+    def __reduce__(self):
+        # Pickled with its sets sorted: a frozenset pickles in hash order,
+        # which for strings changes from process to process, and inductor's
+        # cache keys hash the pickled partitioner that holds this config.
+        return (_from_items, (tuple((name, _stable(value, None)) for name, value in self._items()),))
+
+
+def _stable(value, convert):
+    """A frozenset as a sorted tuple (of ``convert``-ed items, when given); anything else as it is."""
+    if isinstance(value, frozenset):
+        items = sorted(value, key=str)
+        return tuple(map(convert, items)) if convert else tuple(items)
+    return value
+
+
+def _from_items(items: tuple) -> ApproxBPConfig:
+    return ApproxBPConfig(**dict(items))

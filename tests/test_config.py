@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import pickle
+import subprocess
+import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,3 +73,42 @@ def test_partitioner_uuid_tracks_config():
     assert a != ApproxBPPartitioner(ApproxBPConfig(bits=3)).uuid()
     assert a != ApproxBPPartitioner(ApproxBPConfig(pointwise_recompute=True)).uuid()
     assert a != ApproxBPPartitioner(ApproxBPConfig(act_lowering="kernels")).uuid()
+
+
+# One value other than the default for every field; a new field must add one here.
+_OTHER_VALUE = {
+    "bits": 3,
+    "save_act_codes": False,
+    "share_norm_input": False,
+    "norm_share_dtype": "input",
+    "pointwise_recompute": True,
+    "act_lowering": "kernels",
+    "activations": frozenset({"gelu"}),
+    "dtypes": frozenset({torch.float32}),
+}
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ApproxBPConfig)])
+def test_every_field_reaches_the_cache_key(name):
+    from approxbp_fx.partition import ApproxBPPartitioner
+
+    assert name in _OTHER_VALUE, f"ApproxBPConfig.{name} is new: give it a value in _OTHER_VALUE"
+    other = ApproxBPConfig(**{name: _OTHER_VALUE[name]})
+    assert other.key() != ApproxBPConfig().key()
+    assert ApproxBPPartitioner(other).uuid() != ApproxBPPartitioner(ApproxBPConfig()).uuid()
+
+
+def test_config_pickles_the_same_in_every_process():
+    # Inductor's cache keys hash the pickled partitioner, config included; a
+    # frozenset pickles in string-hash order, which PYTHONHASHSEED changes.
+    code = "import pickle, approxbp_fx; print(pickle.dumps(approxbp_fx.ApproxBPConfig()).hex())"
+    root = Path(__file__).resolve().parents[1]
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+            env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)},
+        ).stdout
+        for seed in ("1", "2", "3")
+    }
+    assert len(outs) == 1 and outs != {""}
+    assert pickle.loads(bytes.fromhex(outs.pop())) == ApproxBPConfig()
