@@ -119,6 +119,12 @@ def _bind_error(sig: inspect.Signature, args: tuple, kwargs: dict) -> str | None
     return None
 
 
+def _names(sig: inspect.Signature) -> str:
+    """The parameter list without annotations or defaults (Hugging Face's run to a page)."""
+    stars = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return ", ".join(stars.get(p.kind, "") + p.name for p in sig.parameters.values())
+
+
 def _is_function(a: Any) -> bool:
     return isinstance(a, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, functools.partial))
 
@@ -132,7 +138,7 @@ def _check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     sig = _signature(model)
     if sig is None:
         return
-    name = f"{type(model).__name__}.forward{sig}"
+    name = f"{type(model).__name__}.forward"
     for i, a in enumerate(args):
         # A batch dict (Hugging Face style) meant as keyword arguments: the
         # forward takes its keys as parameters. A forward that takes a dict as
@@ -146,7 +152,7 @@ def _check_inputs(model: nn.Module, args: tuple, kwargs: dict) -> None:
     why = _bind_error(sig, args, kwargs)
     if why is not None:
         hint = "; a function among them? pass it as loss_fn=" if any(_is_function(a) for a in args) else ""
-        raise TypeError(f"explain(): {name} does not take these inputs ({why}){hint}. Call {_USAGE}")
+        raise TypeError(f"explain(): {name}({_names(sig)}) does not take these inputs ({why}){hint}. Call {_USAGE}")
 
 
 def explain(
