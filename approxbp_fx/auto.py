@@ -18,8 +18,9 @@ The variable is read when ``import torch`` runs: approxbp-fx registers a
 ``torch.backends`` entry point (the top-level module ``approxbp_fx_autoload``),
 which torch calls at the end of its import unless
 ``TORCH_DEVICE_BACKEND_AUTOLOAD=0``. With the variable unset or ``0`` that call
-imports nothing. A bad value fails ``import torch`` with the reason: a typo
-must not train silently without the rewrite.
+imports nothing. A bad value fails ``import torch`` with the reason and the
+accepted values as its last line (:class:`approxbp_fx_autoload.AutoloadError`):
+a typo must not train silently without the rewrite.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ import os
 from typing import Any
 
 import torch
-from approxbp_fx_autoload import ENV_VAR, OFF
+from approxbp_fx_autoload import ENV_VAR, OFF, ON
 
 from .config import ApproxBPConfig
 
-__all__ = ["enable", "disable", "is_enabled", "enable_from_env", "config_from_env", "ENV_VAR"]
+__all__ = ["enable", "disable", "is_enabled", "enable_from_env", "config_from_env", "accepted_values", "ENV_VAR"]
 
 # Values of custom_partitioner_fn that enable() replaced, innermost first.
 _previous: list[Any] = []
@@ -88,22 +89,41 @@ def is_enabled() -> bool:
     return isinstance(inductor_config.custom_partitioner_fn, ApproxBPPartitioner)
 
 
+def accepted_values() -> str:
+    """What ``APPROXBP_FX_AUTO`` may be set to, in one line, for error messages."""
+    keys = ", ".join(f.name for f in dataclasses.fields(ApproxBPConfig))
+    off = ", ".join(v or '""' for v in OFF)
+    return (
+        f"{ENV_VAR} takes: off: {off}; on with the defaults: {', '.join(ON)}; or key=value pairs "
+        f'separated by commas (e.g. "bits=3,share_norm_input=0", sets "+"-separated: '
+        f'"activations=gelu+silu") with keys {keys}'
+    )
+
+
 def config_from_env(value: str) -> ApproxBPConfig | None:
     """The config that ``APPROXBP_FX_AUTO=value`` asks for; None for off.
 
-    ``""``/``0``/``false``/``off``: off. ``1``/``true``/``on``: defaults.
+    ``""``/``0``/``false``/``off``/``no``: off. ``1``/``true``/``on``/``yes``: defaults.
     Otherwise ``key=value`` pairs separated by commas, e.g. ``bits=3,share_norm_input=0``.
+    Anything else is a ValueError that names the value, the reason and :func:`accepted_values`.
     """
+    try:
+        return _config(value)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{ENV_VAR}={value!r}: {err}. {accepted_values()}") from err
+
+
+def _config(value: str) -> ApproxBPConfig | None:
     v = value.strip()
     if v.lower() in OFF:
         return None
-    if v.lower() in ("1", "true", "on", "yes"):
+    if v.lower() in ON:
         return ApproxBPConfig()
     options: dict[str, Any] = {}
     for item in v.split(","):
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"{ENV_VAR}={value!r}: expected 1, 0 or key=value pairs separated by commas")
+            raise ValueError(f"{item.strip()!r} is not a key=value pair")
         options[key.strip()] = _parse(key.strip(), raw.strip())
     return ApproxBPConfig.from_options(options)
 
@@ -115,13 +135,18 @@ def _parse(key: str, raw: str) -> Any:
     default = getattr(ApproxBPConfig(), key)
     if isinstance(default, bool):
         if raw.lower() not in ("0", "1", "true", "false"):
-            raise ValueError(f"{ENV_VAR}: {key} takes 0/1/true/false, got {raw!r}")
+            raise ValueError(f"{key} takes 0/1/true/false, got {raw!r}")
         return raw.lower() in ("1", "true")
     if isinstance(default, int):
         return int(raw)
     if isinstance(default, frozenset):  # activations: gelu+silu
         names = [n for n in raw.split("+") if n]
-        return frozenset(getattr(torch, n) for n in names) if key == "dtypes" else frozenset(names)
+        if key != "dtypes":
+            return frozenset(names)
+        bad = [n for n in names if not isinstance(getattr(torch, n, None), torch.dtype)]
+        if bad:
+            raise ValueError(f"dtypes: {bad} are not torch dtypes (e.g. dtypes=bfloat16+float16)")
+        return frozenset(getattr(torch, n) for n in names)
     return raw
 
 

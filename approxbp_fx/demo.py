@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .backend import backend
-from .explain import explain
+from .explain import Explanation, explain
 from .measure import saved_activation_bytes
 
 
@@ -69,6 +69,24 @@ def _train(model: nn.Module, compiled, steps: int, args) -> list[float]:
     return losses
 
 
+def build(batch: int = 4, seq: int = 61, dtype: torch.dtype = torch.bfloat16) -> tuple[DemoModel, torch.Tensor]:
+    """The demo's model and one batch of tokens, the same on every call."""
+    torch.manual_seed(0)
+    model = DemoModel().to(dtype)
+    # Adapter-style fine-tuning: freeze the second linear of all blocks but the last.
+    for blk in model.blocks[:-1]:
+        blk.fc2.requires_grad_(False)
+    tokens = torch.randint(0, 512, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return model, tokens
+
+
+def report(batch: int = 4, seq: int = 61, dtype: torch.dtype = torch.bfloat16) -> Explanation:
+    """What the demo prints first; README's explain() sample is this at the defaults
+    (benchmarks/readme_sample.py writes it there, tests/test_readme.py checks it)."""
+    model, tokens = build(batch, seq, dtype)
+    return explain(model, tokens)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=8, help="training steps per backend")
@@ -78,17 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = p.parse_args(argv)
 
-    torch.manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    model = DemoModel().to(dtype)
-    # Adapter-style fine-tuning: freeze the second linear of all blocks but the last.
-    for blk in model.blocks[:-1]:
-        blk.fc2.requires_grad_(False)
-    tokens = torch.randint(0, 512, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-
+    model, tokens = build(args.batch, args.seq, getattr(torch, args.dtype))
     print(f"DemoModel, {args.dtype}, batch {args.batch} x {args.seq} tokens, torch {torch.__version__}\n")
-    report = explain(model, tokens)
-    print(report)
+    result = explain(model, tokens)
+    print(result)
 
     print(f"\ntraining losses, {args.steps} steps each (same init, same data):")
     exact_model, approx_model = copy.deepcopy(model), copy.deepcopy(model)
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     for i, (a, b) in enumerate(zip(exact, approx)):
         print(f"{i:>4} {a:>10.4f} {b:>10.4f}")
     ours = saved_activation_bytes(torch.compile(approx_model, backend=backend()), tokens, params=approx_model)
-    print(f"\napproxbp saves {report.ratio:.3f}x of inductor's activation bytes ({ours} B per step).")
+    print(f"\napproxbp saves {result.ratio:.3f}x of inductor's activation bytes ({ours} B per step).")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -117,8 +118,9 @@ def test_enable_rejects_a_non_config():
 @pytest.mark.parametrize(
     "value,expected",
     [
-        ("", None), ("0", None), ("off", None),
-        ("1", ApproxBPConfig()), ("true", ApproxBPConfig()),
+        ("", None), ("0", None), ("false", None), ("off", None), ("no", None), (" OFF ", None),
+        ("1", ApproxBPConfig()), ("true", ApproxBPConfig()), ("on", ApproxBPConfig()), ("yes", ApproxBPConfig()),
+        (" Yes ", ApproxBPConfig()),
         ("bits=3", ApproxBPConfig(bits=3)),
         ("bits=3, share_norm_input=0", ApproxBPConfig(bits=3, share_norm_input=False)),
         ("activations=gelu+silu", ApproxBPConfig(activations={"gelu", "silu"})),
@@ -133,7 +135,7 @@ def test_config_from_env(value, expected):
 @pytest.mark.parametrize(
     "value,match",
     [("bitz=3", "unknown approxbp option"), ("bits", "key=value"), ("save_act_codes=maybe", "0/1/true/false"),
-     ("bits=9", "1..4")],
+     ("bits=9", "1..4"), ("dtypes=bfloat", "not torch dtypes"), ("garbage", "not a key=value pair")],
 )
 def test_config_from_env_rejects_bad_values(value, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -175,3 +177,17 @@ def test_a_bad_environment_variable_fails_import_torch_with_the_reason():
     bad = _run("bitz=3")
     assert bad.returncode != 0
     assert "unknown approxbp option" in bad.stderr and "bitz" in bad.stderr
+
+
+def test_a_bad_environment_variable_has_the_last_word_with_every_accepted_value():
+    bad = _run("garbage")
+    assert bad.returncode != 0
+    # torch wraps an entry point's Exception in its own "Failed to load the
+    # backend extension"; the user must read our reason and the fix last.
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("approxbp_fx_autoload.AutoloadError: APPROXBP_FX_AUTO='garbage'"), bad.stderr[-2000:]
+    assert 'off: "", 0, false, off, no;' in last
+    assert "on with the defaults: 1, true, on, yes;" in last
+    assert "key=value" in last
+    fields = [f.name for f in dataclasses.fields(ApproxBPConfig)]
+    assert all(name in last for name in fields), last
