@@ -23,9 +23,6 @@ END = "<!-- /explain-sample -->"
 
 def render() -> str:
     """The block README should hold now: the demo's explain() output, fenced."""
-    # This checkout's package, whichever one the environment has installed:
-    # the sample must describe the code beside the README it goes into.
-    sys.path.insert(0, str(README.parent))
     from approxbp_fx.demo import report
 
     return f"```\n{report()}\n```"

@@ -35,11 +35,6 @@ _SCRIPT = textwrap.dedent(
 # warning that torch's C++ side prints itself ("[W...] message").
 _WARNING = re.compile(r"^\S.*:\d+: (\w*Warning): (.*)$|^\[W[^\]]*\] (.*)$")
 
-# Fired by approxbp_fx/partition.py's _copy; the rewrite of partition.py that
-# is under way elsewhere fixes it. Filtered here so this test does not wait on it.
-_BEING_FIXED = "`isinstance(treespec, LeafSpec)` is deprecated"
-
-
 def _warnings(backend: str) -> list[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("APPROXBP_FX_AUTO", "PYTHONWARNINGS")}
     run = subprocess.run(
@@ -47,8 +42,7 @@ def _warnings(backend: str) -> list[str]:
         env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert run.returncode == 0, run.stderr[-3000:]
-    found = [m.group(0) for line in run.stderr.splitlines() if (m := _WARNING.match(line))]
-    return [w for w in found if _BEING_FIXED not in w]
+    return [m.group(0) for line in run.stderr.splitlines() if (m := _WARNING.match(line))]
 
 
 def test_approxbp_warns_nothing_that_plain_inductor_does_not():
