@@ -6,6 +6,13 @@ AVX-512), and aten picks its vectorised kernels by that: torch 2.13's
 ``ATEN_CPU_CAPABILITY`` forces a lower level (aten reads it once, at import;
 inductor's C++ code generation honours it too), so each level runs the suites
 in its own interpreter. A level above what the processor has is skipped.
+
+Each level also gets its own inductor cache directory. On torch 2.13 the FX
+graph cache key does not include the vector ISA that ATEN_CPU_CAPABILITY
+picks: scalar code compiled under ``default`` is served later to a process
+on AVX-512 (seen here: a shared cache mixed one backend's scalar kernel with
+the other's vectorised one, 1 ulp apart). Sharing the cache would both
+pollute the developer's and hide the level under test.
 """
 
 from __future__ import annotations
@@ -39,11 +46,16 @@ def _capability(level: str) -> str:
 
 
 @pytest.mark.parametrize("level", ["default", "avx2", "avx512"])
-def test_cpu_kernel_suites_pass_at_every_capability(level):
+def test_cpu_kernel_suites_pass_at_every_capability(level, tmp_path):
     got = _capability(level)
     if got != level:
         pytest.skip(f"this processor has no {level} (aten uses {got})")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": level, "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "ATEN_CPU_CAPABILITY": level,
+        "PYTHONPATH": str(ROOT),
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+    }
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *SUITES],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
