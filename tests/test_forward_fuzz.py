@@ -48,7 +48,9 @@ _SPECIALS = dict(fc1=False, fc2="none", specials=((3, 1e4), (10, -1e4), (17, 1e3
 _CLAMP_SWALLOWED = ("the activation matcher evaluates the chain on probes in [-8, 8], where a clamp "
                     "at |c| > 8 is the identity, so clamp(act(x)) is taken for act(x) and replaced by it")
 
-REGRESSIONS = {
+# The cases of issue 12 that fail on the current core, each a strict xfail naming
+# the cause: when the fix lands they XPASS, and the mark goes.
+KNOWN_FAILURES = {
     "gelu(fc1(x).clamp(-10, 10))": pytest.param(
         ForwardSpec(chain=(("clamp", -10.0, 10.0), ("act", "F.gelu")), **_BIG),
         marks=_xfail("KeyError in save_act_codes.apply_site: the pre-clamp h and both clamp nodes are "
@@ -64,8 +66,19 @@ REGRESSIONS = {
         ForwardSpec(chain=(("act", "F.silu"), ("clamp_max", 20.0)), **_BIG), marks=_xfail(_CLAMP_SWALLOWED)),
     "x*sigmoid(x), float32": pytest.param(
         ForwardSpec(chain=(("act", "x*sigmoid(x)"),), fc2="none"),
-        marks=_xfail("the rewrite recomputes y as F.silu (x / (1 + exp(-x)) in inductor) instead of "
-                     "keeping the model's x * sigmoid(x): 1-2 ulp apart in float32")),
+        marks=_xfail("the rewrite recomputes y as F.silu, which inductor decomposes as x / (1 + exp(-x)), "
+                     "instead of keeping the model's x * sigmoid(x): 1-2 ulp apart in float32")),
+}
+
+
+@pytest.mark.parametrize("spec", list(KNOWN_FAILURES.values()), ids=list(KNOWN_FAILURES))
+def test_known_forward_failure(spec):
+    # No rewrite count asserted: keeping such a site exact is as good a fix as rewriting it right.
+    check(spec)
+
+
+# Cases that pass today, each chosen so that approxbp rewrites a site in it.
+REGRESSIONS = {
     "gpt2 gelu, +-inf/NaN/1e30 inputs, bfloat16": ForwardSpec(
         chain=(("act", "gpt2"),), dtype="bfloat16", **_SPECIALS),
     "nn.GELU, +-inf/NaN/1e30 inputs, float32": ForwardSpec(chain=(("act", "nn.GELU"),), **_SPECIALS),
