@@ -95,14 +95,20 @@ def mismatch(ours: torch.Tensor, theirs: torch.Tensor) -> str | None:
         return None
     differ = a != b
     finite = differ & a.isfinite() & b.isfinite()
-    i = int(differ.nonzero()[0, 0])
-    first = f"first: approxbp {a[i].item()!r} vs inductor {b[i].item()!r}"
-    if not torch.equal(finite, differ):
-        return f"forward differs in non-finite values: {int((differ & ~finite).sum())} of {n} elements; {first}"
+    nonfinite = differ & ~finite
+
+    def first(mask):
+        i = int(mask.nonzero()[0, 0])
+        return f"first: approxbp {a[i].item()!r} vs inductor {b[i].item()!r}"
+
+    if nonfinite.any():
+        return (f"forward differs in non-finite values: {int(nonfinite.sum())} of {n} elements "
+                f"({int(differ.sum())} differ in all); {first(nonfinite)}")
     worst = int(ulps(a[finite], b[finite]).max())
     kind = "by rounding" if worst <= ROUNDING_ULPS else "beyond rounding"
     diff = (a[finite].double() - b[finite].double()).abs().max().item()
-    return f"forward differs {kind}: {int(differ.sum())} of {n} elements, max {worst} ulp (|diff| {diff:.3g}); {first}"
+    return (f"forward differs {kind}: {int(differ.sum())} of {n} elements, max {worst} ulp "
+            f"(|diff| {diff:.3g}); {first(differ)}")
 
 
 def check(spec) -> dict:
