@@ -218,7 +218,8 @@ class _TimeUp(Exception):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--minutes", type=float, default=20.0, help="draw no new example after this long (shrinking follows)")
+    p.add_argument("--minutes", type=float, default=20.0,
+                   help="draw no new example after this long (shrinking follows)")
     p.add_argument("--examples", type=int, default=100_000, help="at most this many examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minimise-s", type=float, default=120.0, help="time to shrink each distinct failure")
