@@ -54,6 +54,7 @@ ACTS = {
     "gpt2": lambda: _gpt2_gelu,
     "hf.gelu": _hf_act("gelu"),
     "hf.gelu_new": _hf_act("gelu_new"),
+    "hf.gelu_fast": _hf_act("gelu_fast"),  # FastGELUActivation: 0.7978845608 for sqrt(2/pi)
     "hf.gelu_10": _hf_act("gelu_10"),  # ClippedGELUActivation: clip(gelu(x), -10, 10)
     "hf.quick_gelu": _hf_act("quick_gelu"),
     "QuickGELU": lambda: lambda x: x * torch.sigmoid(1.702 * x),

@@ -68,6 +68,10 @@ KNOWN_FAILURES = {
         ForwardSpec(chain=(("act", "x*sigmoid(x)"),), fc2="none"),
         marks=_xfail("the rewrite recomputes y as F.silu, which inductor decomposes as x / (1 + exp(-x)), "
                      "instead of keeping the model's x * sigmoid(x): 1-2 ulp apart in float32")),
+    "hf gelu_fast (FastGELUActivation), float32": pytest.param(
+        ForwardSpec(chain=(("act", "hf.gelu_fast"),), fc2="none"),
+        marks=_xfail("the rewrite recomputes y as the canonical tanh GELU, sqrt(2/pi) and x + 0.044715 x^3, "
+                     "instead of the model's 0.7978845608 and x (1 + 0.044715 x^2): 2e-7 apart")),
 }
 
 
