@@ -44,3 +44,21 @@ def write(json_path: Path, md_path: Path, payload: dict, markdown: str) -> None:
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.write_text(markdown)
     print(markdown)
+
+
+def write_section(json_path: Path, md_path: Path, payload: dict, section: str, markdown: str) -> None:
+    """:func:`write`, but only the part of ``md_path`` between this section's markers is replaced
+    (the section is appended if the page lacks it), so several scripts render one page."""
+    begin, end = f"<!-- begin {section} (generated) -->\n", f"<!-- end {section} -->\n"
+    body = begin + markdown.rstrip("\n") + "\n" + end
+    page = md_path.read_text() if md_path.exists() else ""
+    if begin in page and end in page:
+        head, rest = page.split(begin, 1)
+        page = head + body + rest.split(end, 1)[1]
+    else:
+        page = page + ("\n" if page and not page.endswith("\n\n") else "") + body
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(page)
+    print(markdown)

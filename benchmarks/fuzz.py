@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import sys
 import time
 import warnings
@@ -24,24 +23,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import provenance, write  # noqa: E402
+from _failures import signature  # noqa: E402
+from _report import provenance, write_section  # noqa: E402
 
 from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 
 from tests.fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs  # noqa: E402
-
-
-def signature(e: BaseException) -> str:
-    """What makes two failures the same bug: the exception type and the head of its
-    message (up to the details: which tensors, how far off), numbers blanked;
-    for a crash, also the first wrapped ``...Error:`` line (dynamo wraps what broke)."""
-    lines = [line for line in str(e).strip().splitlines() if line.strip()] or [""]
-    blank = lambda text: re.sub(r"\d[\d.e+-]*", "#", text)
-    if isinstance(e, AssertionError):
-        return f"{type(e).__name__}: " + blank(re.split(r": | \(", lines[0])[0])[:90]
-    inner = [line for line in lines[1:] if re.match(r"\w+(Error|Exception): ", line)]
-    tail = f" ... {blank(inner[0])[:90]}" if inner else ""
-    return f"{type(e).__name__}: {blank(lines[0])[:90]}{tail}"
 
 
 def attempt(spec: NetSpec, tier: str) -> tuple[str, dict | str]:
@@ -197,7 +184,7 @@ def main(argv=None) -> int:
     meta.update(tier=args.tier, seed=args.seed, max_blocks=args.max_blocks)
     payload = {"meta": meta, "command": command, "summary": summary, "failures": list(failures.values()),
                "examples": rows}
-    write(args.json, args.md, payload, render(payload))
+    write_section(args.json, args.md, payload, "gradient fuzz", render(payload))
     return 0
 
 

@@ -6,8 +6,10 @@ one device-independent figure (saved bytes), never on speed.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -73,3 +75,36 @@ def test_fuzz_script_runs_and_reports(tmp_path, bench_module):
     assert payload["summary"]["fail"] == 0 and payload["failures"] == []
     assert payload["meta"]["tier"] == "aot_eager" and "torch" in payload["meta"]
     assert "| aot_eager | 2 |" in (tmp_path / "fuzz.md").read_text()
+
+
+def test_forward_fuzz_script_runs_and_renders_its_own_section(tmp_path, bench_module):
+    forward_fuzz = bench_module("forward_fuzz")
+    md, out = tmp_path / "fuzz.md", tmp_path / "forward_fuzz.json"
+    gradient = "<!-- begin gradient fuzz (generated) -->\n# the gradient fuzzer's page\n<!-- end gradient fuzz -->\n"
+    md.write_text(gradient)
+    args = ["--examples", "1", "--seed", "0", "--json", str(out), "--md", str(md)]
+    for _ in range(2):  # the second run replaces its section rather than adding one
+        assert forward_fuzz.main(args) == 0
+    payload = json.loads(out.read_text())
+    assert payload["summary"]["examples"] == len(payload["examples"]) == 1
+    assert payload["summary"]["ok"] == 1 and payload["failures"] == []
+    text = md.read_text()
+    assert text.startswith(gradient)
+    assert text.count("## Forward equivalence") == 1 and "| 1 | 1 | 0 | 0 | 0 |" in text
+
+
+def test_forward_fuzz_describes_and_shrinks_specs(bench_module):
+    forward_fuzz = bench_module("forward_fuzz")
+    Spec = forward_fuzz.ForwardSpec
+    spec = Spec(chain=(("clamp", -10.0, 10.0), ("where", 0.0, (("act", "F.gelu"),), ())), fc2="frozen",
+                specials=((3, math.inf), (1000, math.nan)))
+    h = "fc1(x).clamp(-10.0, 10.0)"
+    expected = f"frozen_fc2(where({h} > 0.0, F.gelu({h}), {h})) in float32, |x| ~ 4.0; x holds inf, nan"
+    assert forward_fuzz.describe(spec) == expected
+    candidates = list(forward_fuzz._simpler(spec))
+    assert Spec(chain=(("clamp", -10.0, 10.0), ("act", "F.gelu")), fc2="frozen", specials=spec.specials) in candidates
+    assert forward_fuzz.spec_from_repr(repr(spec)) == spec
+    # A smaller input drops the specials that no longer fit (index 1000 of 2*33*16), so every step builds.
+    assert dataclasses.replace(spec, tokens=(1, 8), specials=((3, math.inf),)) in candidates
+    for cand in candidates:
+        cand.build()
