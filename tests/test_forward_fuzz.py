@@ -13,7 +13,6 @@ import math
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, assume, given, settings
-from torch._dynamo.exc import BackendCompilerFailed
 
 from benchmarks._forward_check import PeerFailed, check, mismatch, ulps
 from benchmarks._forward_nets import ForwardSpec, forward_specs
@@ -36,47 +35,31 @@ def test_forward_fuzz(spec):
     _check(spec)
 
 
-def _xfail(reason: str, raises=AssertionError):
-    return pytest.mark.xfail(strict=True, raises=raises, reason=reason)
-
-
 # Activation inputs reach |h| ~ 60 at x_scale=30, well past every clamp bound below.
 _BIG = dict(x_scale=30.0)
 # One of every special value, straight into the activation, output unmixed by fc2.
 _SPECIALS = dict(fc1=False, fc2="none", specials=((3, 1e4), (10, -1e4), (17, 1e30), (24, -1e30),
                                                    (31, math.inf), (38, -math.inf), (45, math.nan)))
-_CLAMP_SWALLOWED = ("the activation matcher evaluates the chain on probes in [-8, 8], where a clamp "
-                    "at |c| > 8 is the identity, so clamp(act(x)) is taken for act(x) and replaced by it")
 
-# The cases of issue 12 that fail on the current core, each a strict xfail naming
-# the cause: when the fix lands they XPASS, and the mark goes.
-KNOWN_FAILURES = {
-    "gelu(fc1(x).clamp(-10, 10))": pytest.param(
-        ForwardSpec(chain=(("clamp", -10.0, 10.0), ("act", "F.gelu")), **_BIG),
-        marks=_xfail("KeyError in save_act_codes.apply_site: the pre-clamp h and both clamp nodes are "
-                     "each found as the gelu's input (three sites, one dx); applying the first erases "
-                     "the shared dx", raises=BackendCompilerFailed)),
-    "clip(gelu(x), -10, 10)": pytest.param(
-        ForwardSpec(chain=(("act", "F.gelu"), ("clip", -10.0, 10.0)), **_BIG), marks=_xfail(_CLAMP_SWALLOWED)),
-    "hf gelu_10 (ClippedGELUActivation)": pytest.param(
-        ForwardSpec(chain=(("act", "hf.gelu_10"),), **_BIG), marks=_xfail(_CLAMP_SWALLOWED)),
-    "gelu(x).clamp(max=9)": pytest.param(
-        ForwardSpec(chain=(("act", "F.gelu"), ("clamp_max", 9.0)), **_BIG), marks=_xfail(_CLAMP_SWALLOWED)),
-    "silu(x).clamp(max=20)": pytest.param(
-        ForwardSpec(chain=(("act", "F.silu"), ("clamp_max", 20.0)), **_BIG), marks=_xfail(_CLAMP_SWALLOWED)),
-    "x*sigmoid(x), float32": pytest.param(
-        ForwardSpec(chain=(("act", "x*sigmoid(x)"),), fc2="none"),
-        marks=_xfail("the rewrite recomputes y as F.silu, which inductor decomposes as x / (1 + exp(-x)), "
-                     "instead of keeping the model's x * sigmoid(x): 1-2 ulp apart in float32")),
-    "hf gelu_fast (FastGELUActivation), float32": pytest.param(
-        ForwardSpec(chain=(("act", "hf.gelu_fast"),), fc2="none"),
-        marks=_xfail("the rewrite recomputes y as the canonical tanh GELU, sqrt(2/pi) and x + 0.044715 x^3, "
-                     "instead of the model's 0.7978845608 and x (1 + 0.044715 x^2): 2e-7 apart")),
+# The cases of issue 12, each of which failed before the forward was left untouched:
+# - gelu(fc1(x).clamp(-10, 10)): KeyError in apply_site (three sites shared one dx);
+# - the clamps and clips around an activation: the probes on [-8, 8] took clamp(act(x))
+#   for act(x) and replaced it (hf gelu_10: 88.5 where inductor gives 10);
+# - x*sigmoid(x) and FastGELU in float32: recomputed as F.silu / the canonical tanh
+#   GELU, 1-2 ulp (2e-7) from the model's own spelling.
+ISSUE_12 = {
+    "gelu(fc1(x).clamp(-10, 10))": ForwardSpec(chain=(("clamp", -10.0, 10.0), ("act", "F.gelu")), **_BIG),
+    "clip(gelu(x), -10, 10)": ForwardSpec(chain=(("act", "F.gelu"), ("clip", -10.0, 10.0)), **_BIG),
+    "hf gelu_10 (ClippedGELUActivation)": ForwardSpec(chain=(("act", "hf.gelu_10"),), **_BIG),
+    "gelu(x).clamp(max=9)": ForwardSpec(chain=(("act", "F.gelu"), ("clamp_max", 9.0)), **_BIG),
+    "silu(x).clamp(max=20)": ForwardSpec(chain=(("act", "F.silu"), ("clamp_max", 20.0)), **_BIG),
+    "x*sigmoid(x), float32": ForwardSpec(chain=(("act", "x*sigmoid(x)"),), fc2="none"),
+    "hf gelu_fast (FastGELUActivation), float32": ForwardSpec(chain=(("act", "hf.gelu_fast"),), fc2="none"),
 }
 
 
-@pytest.mark.parametrize("spec", list(KNOWN_FAILURES.values()), ids=list(KNOWN_FAILURES))
-def test_known_forward_failure(spec):
+@pytest.mark.parametrize("spec", list(ISSUE_12.values()), ids=list(ISSUE_12))
+def test_issue_12_case(spec):
     # No rewrite count asserted: keeping such a site exact is as good a fix as rewriting it right.
     check(spec)
 
