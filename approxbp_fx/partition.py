@@ -205,7 +205,6 @@ class ApproxBPPartitioner(CustomPartitionerFn):
             return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
-        static = kwargs.get("static_lifetime_input_indices")
         sites, failure = self._find_sites(gm)
         if failure is None and any(s.skip is None for _, s in sites):
             # The baseline partitions the untouched graph: if the partitioner
@@ -215,11 +214,13 @@ class ApproxBPPartitioner(CustomPartitionerFn):
                 result, report = self._rewrite(gm, joint_inputs, kwargs, sites, baseline)
             except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
                 result, failure = baseline, err
+            else:
+                self._finish(report)
+                return result
         else:
             result = self._partition(gm, joint_inputs, kwargs)
-        if failure is not None or not any(s.skip is None for _, s in sites):
-            report = self._exact_report(sites, failure, sum(saved_tensors(result[1], gm, static).values()))
-        self._finish(report)
+        saved = sum(saved_tensors(result[1], gm, kwargs.get("static_lifetime_input_indices")).values())
+        self._finish(self._exact_report(sites, failure, saved))
         return result
 
     def _find_sites(self, gm: fx.GraphModule) -> tuple[list[tuple[str, Site]], Exception | None]:
