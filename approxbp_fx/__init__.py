@@ -7,8 +7,6 @@ inductor's own partitioner confirms that shrinks the saved set.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ._compat import check_torch_version
 
 # First, before anything touches torch's internals: an unsupported torch fails
@@ -30,7 +28,7 @@ from .coefficients import StepTable, table
 # reporting
 from .explain import Explanation, explain
 from .measure import saved_activation_bytes
-from .partition import ApproxBPFallbackWarning
+from .report import ApproxBPFallbackWarning
 
 __all__ = [
     # auto-apply
@@ -53,7 +51,3 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-
-def _source_files() -> list[Path]:
-    """The files whose text decides what the backend emits (for compile-cache keys)."""
-    return sorted(Path(__file__).parent.rglob("*.py"))

@@ -1,7 +1,8 @@
 """The exact activations that Approx-BP approximates in backward.
 
-One registry serves three readers: the custom ops' forward (always exact), the
-reference autograd Functions, and the pass that recognises a decomposed
+One registry serves every reader: the eager method's exact forward
+(:mod:`approxbp_fx.eager`), the step-derivative tables
+(:mod:`approxbp_fx.coefficients`), and the rule that recognises a decomposed
 subgraph by evaluating it against these functions in float64.
 
 Low-precision inputs are computed in float32 and rounded once at the end, as

@@ -36,15 +36,13 @@ from .config import ApproxBPConfig
 
 __all__ = ["enable", "disable", "is_enabled", "enable_from_env", "config_from_env", "accepted_values", "ENV_VAR"]
 
-# Values of custom_partitioner_fn that enable() replaced, innermost first.
-_previous: list[Any] = []
-
-
 def enable(config: ApproxBPConfig | None = None) -> None:
     """Make every later inductor compile (``torch.compile(model)``) run the rewrite.
 
-    Calling it again replaces the config, keeping the partitioner that was
-    there before the first call as the inner one.
+    The partitioner installed before (None: inductor's own) becomes the inner
+    one, which still partitions; the rewrite is measured against it. Calling
+    it again replaces the config and keeps that inner partitioner. The only
+    state is inductor's config itself: nothing is remembered here.
     """
     from torch._inductor import config as inductor_config
 
@@ -54,31 +52,31 @@ def enable(config: ApproxBPConfig | None = None) -> None:
     if not isinstance(cfg, ApproxBPConfig):
         raise TypeError(f"enable(config=...) expects an ApproxBPConfig, got {type(cfg).__name__}")
     current = inductor_config.custom_partitioner_fn
-    if not isinstance(current, ApproxBPPartitioner) or not _previous:
-        _previous.append(current)
-        inner = current
-    else:
-        inner = current.inner
+    inner = current.inner if isinstance(current, ApproxBPPartitioner) else current
     inductor_config.custom_partitioner_fn = ApproxBPPartitioner(cfg, inner=inner)
 
 
 def disable() -> None:
-    """Undo :func:`enable`: inductor's partitioner hook is what it was before."""
+    """Undo :func:`enable`: inductor's partitioner hook is what it was before.
+
+    A no-op when nothing is installed. If the installed partitioner is someone
+    else's (installed after enable()), it is kept, and this raises.
+    """
     from torch._inductor import config as inductor_config
 
     from .partition import ApproxBPPartitioner
 
-    if not _previous:
-        return
     current = inductor_config.custom_partitioner_fn
+    if current is None:
+        return
     if not isinstance(current, ApproxBPPartitioner):
         # Someone installed their own partitioner on top of ours since: keep
         # theirs rather than clobber it, and say so.
         raise RuntimeError(
-            "approxbp_fx.disable(): inductor's custom_partitioner_fn was replaced after enable() "
-            f"(now {current!r}); restore it yourself, or call disable() before installing it"
+            "approxbp_fx.disable(): inductor's custom_partitioner_fn is not approxbp's: it was replaced "
+            f"after enable() (now {current!r}); restore it yourself, or call disable() before installing it"
         )
-    inductor_config.custom_partitioner_fn = _previous.pop()
+    inductor_config.custom_partitioner_fn = current.inner
 
 
 def is_enabled() -> bool:

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .config import ApproxBPConfig
-from .partition import ApproxBPPartitioner, GraphReport, log
+from .report import log
+
+if TYPE_CHECKING:
+    from .report import GraphReport
 
 __all__ = ["backend", "approxbp"]
 
@@ -61,6 +64,9 @@ def backend(
         from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
+        from .partition import ApproxBPPartitioner
+        from .passes import before_aot
+
         # Measure against, and delegate to, whatever partitioner the user set;
         # under approxbp_fx.enable() that is the one enable() wrapped, so the
         # rewrite runs once, with this backend's config.
@@ -68,10 +74,10 @@ def backend(
         if isinstance(inner, ApproxBPPartitioner):
             inner = inner.inner
         partitioner = ApproxBPPartitioner(cfg, inner=inner, on_report=on_report)
+        before_aot(gm, cfg)
         with _partition_runs_if_observed(on_report):
             return compile_fx(gm, example_inputs, config_patches={**patches, "custom_partitioner_fn": partitioner})
 
-    approxbp_backend.config = cfg  # type: ignore[attr-defined]
     return approxbp_backend
 
 
@@ -96,6 +102,9 @@ def _aot_eager(cfg: ApproxBPConfig, on_report):
     from torch._decomp import get_decompositions
     from torch._dynamo.backends.common import aot_autograd
 
+    from .partition import ApproxBPPartitioner
+    from .passes import before_aot
+
     def run_graph(gm, _example_inputs):
         return make_boxed_func(gm.forward)
 
@@ -108,6 +117,7 @@ def _aot_eager(cfg: ApproxBPConfig, on_report):
     inner = aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner, decompositions=decomps)
 
     def approxbp_aot_eager(gm: torch.fx.GraphModule, example_inputs):
+        before_aot(gm, cfg)
         with _partition_runs_if_observed(on_report):
             return inner(gm, example_inputs)
 

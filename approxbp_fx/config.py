@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .activations import ACTIVATIONS
+from .coefficients import BITS
 
 __all__ = ["ApproxBPConfig"]
 
@@ -27,7 +28,7 @@ class ApproxBPConfig:
     """
 
     # Bits per derivative code. 2 is the paper's ReGELU2/ReSiLU2 (4 codes per
-    # byte); 1..4 are shipped. Codes are packed 8 // bits to a byte, so 3 bits
+    # byte); coefficients.BITS (1..4) are shipped. Codes are packed 8 // bits to a byte, so 3 bits
     # cost a nibble of storage.
     bits: int = 2
 
@@ -55,7 +56,7 @@ class ApproxBPConfig:
 
     # How the code-saving activations run once the graph is partitioned.
     # "inductor": the pack and the code-driven gradient become aten ops that
-    # inductor generates and fuses with their neighbours (passes/lower_act_codes.py).
+    # inductor generates and fuses with their neighbours (approxbp_fx/lowering.py).
     # "kernels": they stay calls of our custom ops (hand-written Triton on CUDA,
     # torch on CPU), opaque to inductor. docs/kernels.md measures both.
     act_lowering: str = "inductor"
@@ -68,8 +69,8 @@ class ApproxBPConfig:
     dtypes: frozenset[torch.dtype] = field(default_factory=lambda: frozenset(_REWRITABLE_DTYPES))
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 4:
-            raise ValueError(f"ApproxBPConfig.bits must be an int in 1..4, got {self.bits!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in BITS:
+            raise ValueError(f"ApproxBPConfig.bits must be an int in {BITS[0]}..{BITS[-1]}, got {self.bits!r}")
         for flag in ("save_act_codes", "share_norm_input", "pointwise_recompute"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"ApproxBPConfig.{flag} must be a bool, got {getattr(self, flag)!r}")

@@ -23,7 +23,7 @@ from torch import nn
 from .backend import backend
 from .config import ApproxBPConfig
 from .measure import default_loss, saved_activation_bytes
-from .partition import GraphReport
+from .report import GraphReport
 
 __all__ = ["explain", "Explanation", "SiteRow"]
 
@@ -189,5 +189,5 @@ def explain(
     for r in reports:
         for d in r.sites:
             s = d.site
-            exp.sites.append(SiteRow(s.op, s.shape, s.dtype, d.rewritten, d.reason, d.saved_before, d.saved_after))
+            exp.sites.append(SiteRow(s.op, s.shape, s.dtype, d.rewritten, d.reason, d.bytes_before, d.bytes_after))
     return exp

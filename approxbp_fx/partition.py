@@ -1,19 +1,22 @@
 """Profitability by measurement: rewrite a site only if the real partitioner saves less.
 
 Inductor's min-cut partitioner decides what the forward saves for backward,
-and it already recomputes cheap pointwise ops where it can. Whether swapping
-an activation's input for codes pays therefore depends on what the
-partitioner would have done, so we ask it:
+and it already recomputes cheap pointwise ops where it can. Whether a
+rewrite pays therefore depends on what the partitioner would have done, so we
+ask it. For every joint graph:
 
-1. find the candidate sites of every rule in the joint graph (activations
-   whose input can become codes, norms whose input can be shared away);
+1. find the candidate sites of every enabled rule (:data:`passes.RULES`),
+   one owner per node;
 2. partition a copy of the unmodified graph: the baseline saved set;
-3. keep the sites whose rewrite is predicted to shrink that set, rewrite a
-   copy, partition it again;
-4. if a kept site still leaves its input saved, or the total grew, drop the
-   offenders and partition once more; if nothing helps, return the baseline.
+3. keep the sites each rule predicts to shrink that set, rewrite a copy,
+   partition it again;
+4. if a kept site still leaves its input in backward, or saves as much, or the
+   total grew, drop the offenders and partition once more; if nothing helps,
+   return the baseline;
+5. lower our ops on the cut graphs (:func:`passes.after_cut`).
 
-The result is never larger than inductor's own choice, by construction.
+The result is never larger than inductor's own choice, by construction, and
+an internal error anywhere in 1-5 returns the baseline with a warning.
 Costs one to three partitioner runs per compiled graph.
 """
 
@@ -21,54 +24,23 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, Union
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from .config import ApproxBPConfig
-from .passes import RULES, lower_act_codes, save_act_codes, share_norm_input
+from .passes import RULES, Site, after_cut
 from .passes.graph_bytes import saved_tensors
-from .passes.save_act_codes import ActSite
-from .passes.share_norm_input import NormSite
+from .report import ApproxBPFallbackWarning, GraphReport, SiteDecision, log, log_report
 
-log = logging.getLogger("approxbp_fx")
+__all__ = ["ApproxBPPartitioner", "find_sites"]
 
-__all__ = ["ApproxBPPartitioner", "ApproxBPFallbackWarning", "SiteDecision", "GraphReport", "saved_tensors"]
-
-Site = Union[ActSite, NormSite]
-
-
-class ApproxBPFallbackWarning(UserWarning):
-    """The rewrite failed inside a compile; that graph was compiled exactly, as inductor's.
-
-    A compile must never fail where inductor's succeeds, so an internal error
-    costs the graph its savings, not the user's run. Every one is a bug worth
-    reporting; the test suite turns this warning into an error.
-    """
-
-
-@dataclass
-class SiteDecision:
-    """What happened to one site; the raw material of :func:`approxbp_fx.explain`."""
-
-    site: Site
-    rewritten: bool
-    reason: str
-    saved_before: int = 0  # bytes of the site's tensors in inductor's saved set
-    saved_after: int = 0  # the same after our choice
-    rule: str = "save_act_codes"  # the passes.RULES entry that found it
-
-
-@dataclass
-class GraphReport:
-    sites: list[SiteDecision] = field(default_factory=list)
-    baseline_bytes: int = 0
-    final_bytes: int = 0
+# (rule name, site key): a site's identity in one graph.
+Key = tuple[str, str]
 
 
 def _copy(gm: fx.GraphModule) -> fx.GraphModule:
@@ -104,18 +76,19 @@ def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[tuple[str, Site]
     found keeps it. Two activation sites read the same incoming gradient
     without conflict; a norm feeding a GELU directly is left to the GELU.
     """
-    found = [("save_act_codes", s) for s in (save_act_codes.find_sites(gm, cfg) if cfg.save_act_codes else [])]
-    found += [("share_norm_input", s) for s in (share_norm_input.find_sites(gm, cfg) if cfg.share_norm_input else [])]
     owners: list[Site] = []
     out = []
-    for rule, site in found:
-        if site.skip is None:
-            other = next((o for o in owners if _conflict(site, o)), None)
-            if other is None:
-                owners.append(site)
-            else:
-                site = site.with_skip(f"shares nodes with the {other.op} site at {other.key} (one owner per node)")
-        out.append((rule, site))
+    for rule in RULES.values():
+        if not rule.enabled(cfg):
+            continue
+        for site in rule.find_sites(gm, cfg):
+            if site.skip is None:
+                other = next((o for o in owners if _conflict(site, o)), None)
+                if other is None:
+                    owners.append(site)
+                else:
+                    site = site.with_skip(f"shares nodes with the {other.op} site at {other.key} (one owner per node)")
+            out.append((rule.name, site))
     return out
 
 
@@ -132,28 +105,26 @@ def _recompute_patch(cfg: ApproxBPConfig):
     return functorch_config.patch(ban_recompute_materialized_backward=False)
 
 
-def _keep_exact(d: SiteDecision, why: str) -> None:
-    d.rewritten = False
-    d.reason = why
-    d.saved_after = d.saved_before
-
-
-def _losers(decisions, chosen, added, saved: dict[str, int], in_backward: set[str]) -> set:
+def _losers(decisions: dict[Key, SiteDecision], chosen: set[Key], added, saved: dict[str, int], in_bw: set[str]):
     """The chosen sites the trial partition shows not paying, marked exact; the others get their bytes."""
     losers = set()
     for k in chosen:
         d = decisions[k]
         names = d.site.tensors | added[k]
-        d.saved_after = sum(b for n, b in saved.items() if n in names)
-        if any(n in in_backward for n in d.site.must_leave_backward):
-            why = "measured: backward still reads the input after the rewrite"
-        elif d.saved_after >= d.saved_before:
-            why = "measured: the partitioner still saves as much here after the rewrite"
+        d.bytes_after = sum(b for n, b in saved.items() if n in names)
+        if any(n in in_bw for n in d.site.must_leave_backward):
+            d.keep_exact("measured: backward still reads the input after the rewrite")
+        elif d.bytes_after >= d.bytes_before:
+            d.keep_exact("measured: the partitioner still saves as much here after the rewrite")
         else:
             continue
         losers.add(k)
-        _keep_exact(d, why)
     return losers
+
+
+def _source_files() -> list[Path]:
+    """The files whose text decides what the backend emits (for compile-cache keys)."""
+    return sorted(Path(__file__).parent.rglob("*.py"))
 
 
 class ApproxBPPartitioner(CustomPartitionerFn):
@@ -163,7 +134,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         cfg: what to rewrite.
         inner: the partitioner to measure with and delegate to; inductor's
             min-cut partitioner when None.
-        on_report: called with a :class:`GraphReport` for every joint graph.
+        on_report: called with a :class:`~approxbp_fx.report.GraphReport` for every joint graph.
     """
 
     def __init__(
@@ -177,9 +148,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         self.on_report = on_report
 
     def uuid(self) -> Any:
-        import approxbp_fx
-
-        files = tuple(sorted(str(p) for p in approxbp_fx._source_files()))
+        files = tuple(str(p) for p in _source_files())
         inner = self.inner.uuid() if isinstance(self.inner, CustomPartitionerFn) else repr(self.inner)
         return (get_hash_for_files(files), self.cfg.key(), inner)
 
@@ -233,18 +202,20 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         """Every site kept exact: for its own reason, or for the internal error that stopped the rewrite."""
         report = GraphReport(baseline_bytes=saved, final_bytes=saved)
         if failure is None:
-            report.sites = [SiteDecision(s, False, s.skip or "", rule=r) for r, s in sites]
+            report.sites = [SiteDecision(s, r, False, s.skip or "") for r, s in sites]
             return report
         why = f"internal error in the rewrite, graph kept exact: {type(failure).__name__}: {failure}"
-        report.sites = [SiteDecision(s, False, why, rule=r) for r, s in sites]
-        warnings.warn(f"approxbp: {why}. The compile goes on as inductor's; please report this.",
-                      ApproxBPFallbackWarning, stacklevel=2)
+        report.sites = [SiteDecision(s, r, False, why) for r, s in sites]
+        warnings.warn(
+            f"approxbp: {why}. The compile goes on as inductor's; please report this.",
+            ApproxBPFallbackWarning,
+            stacklevel=2,
+        )
         log.debug("approxbp: the rewrite failed", exc_info=failure)
         return report
 
     def _rewrite(self, gm, joint_inputs, kwargs, sites, baseline) -> tuple[tuple, GraphReport]:
         """Keep the sites predicted to pay, then measure them with the real partitioner until none loses."""
-        cfg = self.cfg
         static = kwargs.get("static_lifetime_input_indices")
         base_saved = saved_tensors(baseline[1], gm, static)
         report = GraphReport(baseline_bytes=sum(base_saved.values()))
@@ -263,22 +234,20 @@ class ApproxBPPartitioner(CustomPartitionerFn):
             if not losers:  # total grew although no site did: be safe, keep inductor's graph
                 losers = set(chosen)
                 for k in losers:
-                    _keep_exact(decisions[k], "measured: total saved bytes grew")
+                    decisions[k].keep_exact("measured: total saved bytes grew")
             chosen -= losers
-        if not chosen:
+        if chosen:
+            after_cut(result, self.cfg)
+        else:
             report.final_bytes = report.baseline_bytes
-        elif cfg.act_lowering == "inductor":
-            # The cut is made; from here the ops need not be opaque (lower_act_codes.py).
-            for g in result:
-                lower_act_codes.lower(g)
         report.sites = list(decisions.values())
         return result, report
 
-    def _predict(self, gm, sites, base_saved) -> dict[tuple[str, str], SiteDecision]:
-        decisions: dict[tuple[str, str], SiteDecision] = {}
+    def _predict(self, gm, sites, base_saved) -> dict[Key, SiteDecision]:
+        decisions: dict[Key, SiteDecision] = {}
         for rule, s in sites:
             before = sum(base_saved.get(n, 0) for n in s.tensors)
-            d = SiteDecision(s, False, s.skip or "", before, before, rule)
+            d = SiteDecision(s, rule, False, s.skip or "", before, before)
             if s.skip is None:
                 predicted, why = RULES[rule].predict(gm, s, base_saved, self.cfg)
                 d.rewritten = predicted < before
@@ -286,53 +255,22 @@ class ApproxBPPartitioner(CustomPartitionerFn):
             decisions[(rule, s.key)] = d
         return decisions
 
-    def _apply(self, gm, decisions, chosen) -> tuple[fx.GraphModule, dict[tuple[str, str], set[str]]]:
+    def _apply(self, gm, decisions, chosen) -> tuple[fx.GraphModule, dict[Key, set[str]]]:
         """A copy of ``gm`` with the chosen sites rewritten, and each site's new saved candidates."""
         trial = _copy(gm)
         # Node names survive the copy, so the sites found on gm apply to it.
-        added: dict[tuple[str, str], set[str]] = {}
-        for rule, module in RULES.items():
-            todo = [decisions[k].site for k in sorted(chosen) if k[0] == rule]
-            for key, names in module.apply_sites(trial, todo, self.cfg).items():
-                added[(rule, key)] = names
+        added: dict[Key, set[str]] = {}
+        for name, rule in RULES.items():
+            todo = [decisions[k].site for k in sorted(chosen) if k[0] == name]
+            for key, names in rule.apply_sites(trial, todo, self.cfg).items():
+                added[(name, key)] = names
         return trial, added
 
     def _finish(self, report: GraphReport) -> None:
         # Tests assert exact match counts here, as inductor's pattern-matcher tests do.
-        per_rule = []
-        for rule in RULES:
-            mine = [d for d in report.sites if d.rule == rule]
-            done = sum(d.rewritten for d in mine)
+        for rule, done, found in report.counts(RULES):
             counters["approxbp"][rule] += done
-            counters["approxbp"][f"{rule}_kept_exact"] += len(mine) - done
-            per_rule.append((rule, done, len(mine)))
-        # Off by default (the "approxbp_fx" logger inherits WARNING): one
-        # isEnabledFor check per graph, nothing formatted. docs/logging.md.
-        if log.isEnabledFor(logging.DEBUG):
-            for d in report.sites:
-                log.debug(
-                    "approxbp: %s %s %s at %s %s: %s; site saved bytes %d -> %d",
-                    d.rule,
-                    "rewrote" if d.rewritten else "kept exact",
-                    d.site.op,
-                    d.site.key,
-                    list(d.site.shape),
-                    d.reason,
-                    d.saved_before,
-                    d.saved_after,
-                )
-        if log.isEnabledFor(logging.INFO):
-            rewritten = sum(done for _, done, _ in per_rule)
-            base, final = report.baseline_bytes, report.final_bytes
-            log.info(
-                "approxbp: sites found %d, rewritten %d, kept exact %d (%s); saved activation bytes %d -> %d (%.3fx)",
-                len(report.sites),
-                rewritten,
-                len(report.sites) - rewritten,
-                ", ".join(f"{rule} {done}/{n}" for rule, done, n in per_rule),
-                base,
-                final,
-                final / base if base else 1.0,
-            )
+            counters["approxbp"][f"{rule}_kept_exact"] += found - done
+        log_report(report, RULES)
         if self.on_report is not None:
             self.on_report(report)

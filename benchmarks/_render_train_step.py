@@ -182,7 +182,7 @@ def render_all(results: Path, docs: Path) -> str:
         "Peers: eager; inductor default; inductor with pointwise recompute "
         "(`ban_recompute_materialized_backward=False`); inductor with `activation_memory_budget=0.5` "
         "(may recompute matmuls); the paper's method applied eagerly by module swaps "
-        "(`approxbp_fx.reference.swap_modules`: 2-bit activations, MS-BP norms sharing their output); approxbp.",
+        "(`approxbp_fx.eager.swap_modules`: 2-bit activations, MS-BP norms sharing their output); approxbp.",
         "",
     ]
     for path in sorted(results.glob("train_step_*.json")):

@@ -15,7 +15,7 @@ Each cell measures:
 Backends are the peers a user could pick instead: eager; inductor default;
 inductor with pointwise recompute (``ban_recompute_materialized_backward=False``);
 inductor with ``activation_memory_budget=0.5``; the paper's method applied eagerly
-by module swaps (``approxbp_fx.reference.swap_modules``); and approxbp.
+by module swaps (``approxbp_fx.eager.swap_modules``); and approxbp.
 
 Results go to ``docs/results/train_step_<tag>.json`` after every cell (a killed
 run keeps what it measured; ``--resume`` skips cells already there), and
@@ -46,7 +46,7 @@ from _report import ROOT, provenance  # noqa: E402
 from kernels import copy_bandwidth  # noqa: E402
 
 from approxbp_fx.measure import saved_activation_bytes  # noqa: E402
-from approxbp_fx.reference import swap_modules  # noqa: E402
+from approxbp_fx.eager import swap_modules  # noqa: E402
 
 PRECISIONS = ("bf16", "amp")
 BACKENDS = ("eager", "inductor", "inductor_recompute", "inductor_budget0.5", "reference_eager", "approxbp",

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 import torch.nn.functional as F
 from torch import nn
 
@@ -63,7 +64,7 @@ def fresh_dynamo():
     from torch._functorch import config as functorch_config
 
     torch._dynamo.reset()
-    approxbp_fx.partition.counters.clear()
+    counters.clear()
     with functorch_config.patch(enable_autograd_cache=False):
         yield
     torch._dynamo.reset()
@@ -90,8 +91,8 @@ def compiled(model, tier: str, cfg: ApproxBPConfig | None = None, reports: list 
 def forced_rule_backend(rule, cfg: ApproxBPConfig | None = None):
     """A torch.compile backend that applies ``rule`` to every site it can, paying or not.
 
-    AOTAutograd with the rule's own ``find_sites`` and ``apply_sites`` on the
-    joint graph, then the min-cut partitioner, graphs run op by op: the
+    AOTAutograd with ``rule.rewrite`` on the joint graph, then the min-cut
+    partitioner, graphs run op by op: the
     rewrite's numerics, separated from the profitability decision. The number
     of sites rewritten in the last compile is left in ``forced_rule_backend.applied``.
     """
@@ -101,8 +102,7 @@ def forced_rule_backend(rule, cfg: ApproxBPConfig | None = None):
     cfg = cfg or ApproxBPConfig()
 
     def partition(gm, joint_inputs, **kwargs):
-        sites = [s for s in rule.find_sites(gm, cfg) if s.skip is None]
-        forced_rule_backend.applied = len(rule.apply_sites(gm, sites, cfg))
+        forced_rule_backend.applied = rule.rewrite(gm, cfg)
         return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
     run = lambda gm, _: make_boxed_func(gm.forward)  # noqa: E731
@@ -118,11 +118,11 @@ def saved_bytes(model, tier, *args, cfg=None, reports=None, autocast=None):
 
 
 def rewrites(rule: str = "save_act_codes") -> int:
-    return approxbp_fx.partition.counters["approxbp"][rule]
+    return counters["approxbp"][rule]
 
 
 def kept_exact(rule: str = "save_act_codes") -> int:
-    return approxbp_fx.partition.counters["approxbp"][f"{rule}_kept_exact"]
+    return counters["approxbp"][f"{rule}_kept_exact"]
 
 
 # --------------------------------------------------------------------------- norms (share_norm_input)
@@ -200,13 +200,10 @@ def norm_sites(reports) -> list:
 
 @pytest.fixture
 def partitioner_hook():
-    """Inductor's custom_partitioner_fn and approxbp_fx.enable()'s memory, put
-    back after the test whatever it installed."""
+    """Inductor's custom_partitioner_fn (all that approxbp_fx.enable() changes),
+    put back after the test whatever it installed."""
     from torch._inductor import config as inductor_config
-
-    import approxbp_fx.auto
 
     before = inductor_config.custom_partitioner_fn
     yield
-    approxbp_fx.auto._previous.clear()
     inductor_config.custom_partitioner_fn = before

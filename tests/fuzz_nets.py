@@ -11,15 +11,15 @@ gradient, and :func:`check` runs it three ways and asserts:
 2. **Gradients.** approxbp's input and parameter gradients equal those of an
    *eager reference*: the same model, in which exactly the activations the
    backend approximated are replaced by
-   :class:`~approxbp_fx.reference.ApproxActivation` (step derivative from
-   codes, :func:`~approxbp_fx.reference.step_derivative`), and everything else,
+   :class:`~approxbp_fx.eager.ApproxActivation` (step derivative from
+   codes, :func:`~approxbp_fx.codes.step_derivative`), and everything else,
    norms included, is plain exact autograd. MS-BP changes only where the
    norm's backward reads x̂ from, so its gradient is the exact one up to
    rounding (bf16 and autocast: x̂ rounded to bf16).
 3. **Saved bytes.** approxbp saves at most what inductor saves, measured by
    :class:`~approxbp_fx.measure.count_saved_bytes` on the very runs of 1 and 2.
 4. **Report.** every activation module has exactly one site in the
-   :class:`~approxbp_fx.partition.GraphReport`, recognised as the activation
+   :class:`~approxbp_fx.report.GraphReport`, recognised as the activation
    its spelling computes; float64 sites are never rewritten.
 
 How a site is mapped back to its module. Which activations were approximated
@@ -62,7 +62,7 @@ import approxbp_fx
 from approxbp_fx import ApproxBPConfig
 from approxbp_fx.coefficients import table
 from approxbp_fx.measure import count_saved_bytes
-from approxbp_fx.reference import ApproxActivation
+from approxbp_fx.eager import ApproxActivation
 from tests.conftest import ACT_FORMS, NORM_FORMS
 
 

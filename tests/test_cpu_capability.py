@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # backends on the issue-12 cases (inductor's C++ under the same ISA).
 SUITES = [
     "tests/kernels/test_act_codes.py::TestTorchOps",
-    "tests/passes/test_lower_act_codes.py::test_lowered_graph_matches_the_ops_bit_for_bit",
+    "tests/test_lowering.py::test_lowered_graph_matches_the_ops_bit_for_bit",
     "tests/passes/test_save_act_codes.py::test_a_clamp_around_an_activation_keeps_the_forward_bit_for_bit",
 ]
 

@@ -2,7 +2,7 @@
 
 Every compiled step is checked against the eager oracle: a copy of the model in
 which each GELU site the backend rewrote uses the step derivative
-(:func:`approxbp_fx.reference.swap_modules` with ``norms=False``) and every
+(:func:`approxbp_fx.eager.swap_modules` with ``norms=False``) and every
 norm stays exact. In fp32 the rewritten norm rebuilds its input as
 ``x' = x̂/r + μ``, a few ulps from ``x``, so gradients agree to 1e-5 relative;
 a flipped derivative code would move an element by ``|g·w|·Δlevel`` ≫ 1e-5.
@@ -29,7 +29,7 @@ from torch._dynamo.utils import counters
 
 import approxbp_fx
 from approxbp_fx import ApproxBPConfig, saved_activation_bytes
-from approxbp_fx.reference import swap_modules
+from approxbp_fx.eager import swap_modules
 from tests.conftest import MLP, compiled, norm_sites
 
 D, H = 24, 45

@@ -63,7 +63,9 @@ def test_minilm_bbc_losses_track_exact(runner):
 
     # The block's GELU; of the three LayerNorms (embeddings, after attention, after the MLP)
     # the last feeds only the mean pooling, which saves nothing to share, so it stays exact.
-    counters = approxbp_fx.partition.counters["approxbp"]
+    from torch._dynamo.utils import counters as dynamo_counters
+
+    counters = dynamo_counters["approxbp"]
     assert counters["save_act_codes"] == 1, dict(counters)
     assert counters["share_norm_input"] == 2, dict(counters)
     assert approx["saved_bytes"] < exact["saved_bytes"]

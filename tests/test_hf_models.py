@@ -101,5 +101,5 @@ def test_hf_norm_sites_are_found_and_shrink_saved_bytes(build):
         if not d.rewritten:
             assert d.reason == "no consumer saves the normalised output: nothing to share", d.reason
         else:
-            assert d.saved_after < d.saved_before, (d.saved_after, d.saved_before)
+            assert d.bytes_after < d.bytes_before, (d.bytes_after, d.bytes_before)
     assert ours < theirs, (ours, theirs)

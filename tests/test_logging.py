@@ -103,7 +103,7 @@ def test_debug_line_per_site_names_rule_key_reason_and_bytes(caplog):
     for m, d in zip(lines, decisions):
         assert m[1] == d.rule and m[3] == d.site.op and m[4] == d.site.key
         assert m[2] == ("rewrote" if d.rewritten else "kept exact")
-        assert m[5] == d.reason and (int(m[6]), int(m[7])) == (d.saved_before, d.saved_after)
+        assert m[5] == d.reason and (int(m[6]), int(m[7])) == (d.bytes_before, d.bytes_after)
     skipped = [m for m in lines if m[2] == "kept exact"]
     assert [(m[3], m[5]) for m in skipped] == [("silu", "silu is not in ApproxBPConfig.activations")]
     # The summaries still come, once per graph, alongside.
@@ -123,7 +123,7 @@ def test_torch_logs_turns_the_logger_on():
     # its own interpreter; _finish is called directly to skip a compile there.
     code = (
         "import logging, approxbp_fx\n"
-        "from approxbp_fx.partition import ApproxBPPartitioner, GraphReport\n"
+        "from approxbp_fx.partition import ApproxBPPartitioner\nfrom approxbp_fx.report import GraphReport\n"
         "ApproxBPPartitioner(approxbp_fx.ApproxBPConfig())._finish(GraphReport(baseline_bytes=100, final_bytes=40))\n"
         "print(logging.getLogger('approxbp_fx').getEffectiveLevel())\n"
     )

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 import approxbp_fx
-from approxbp_fx.partition import ApproxBPFallbackWarning
-from approxbp_fx.passes import save_act_codes
+from approxbp_fx.passes import RULES
+from approxbp_fx.report import ApproxBPFallbackWarning
 from tests.conftest import MLP, compiled
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,13 +39,13 @@ def test_two_sites_that_share_nodes_get_one_owner(monkeypatch):
     # The activation found twice, once more under another input name: the second
     # would rewrite the gradient the first already rewrote (the KeyError of
     # issue 12). It stays exact, with the reason.
-    real = save_act_codes.find_sites
+    rule = RULES["save_act_codes"]
 
     def twice(gm, cfg):
-        sites = real(gm, cfg)
+        sites = rule.find_sites(gm, cfg)
         return sites + [dataclasses.replace(s, x=s.closure[1]) for s in sites]
 
-    monkeypatch.setattr(save_act_codes, "find_sites", twice)
+    monkeypatch.setitem(RULES, rule.name, dataclasses.replace(rule, find_sites=twice))
     model, x = _model_and_input()
     reports = []
     with warnings.catch_warnings():
@@ -81,7 +81,8 @@ def test_an_internal_error_compiles_the_graph_exactly_and_warns(monkeypatch, whe
     def broken(*args, **kwargs):
         raise KeyError("mul_9")
 
-    monkeypatch.setattr(save_act_codes, where, broken)
+    rule = RULES["save_act_codes"]
+    monkeypatch.setitem(RULES, rule.name, dataclasses.replace(rule, **{where: broken}))
     reports = []
     with pytest.warns(ApproxBPFallbackWarning, match="KeyError: 'mul_9'"):
         ours, our_grads = _run(model, "approxbp", x, reports)

@@ -7,7 +7,8 @@ import torch
 
 from approxbp_fx import table
 from approxbp_fx.activations import ACTIVATIONS, exact_forward
-from approxbp_fx.reference import ApproxActivation, approx_activation, pack_codes, step_derivative, unpack_levels
+from approxbp_fx.codes import pack_codes, step_derivative, unpack_levels
+from approxbp_fx.eager import ApproxActivation, approx_activation
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
@@ -66,7 +67,7 @@ def test_saves_only_codes():
 from torch import nn  # noqa: E402
 
 from approxbp_fx.measure import saved_activation_bytes  # noqa: E402
-from approxbp_fx.reference import MSNorm, ms_norm, swap_modules  # noqa: E402
+from approxbp_fx.eager import MSNorm, ms_norm, swap_modules  # noqa: E402
 
 
 def _norm_ref(kind, x, w, b, ndim, eps):

@@ -17,13 +17,13 @@ Two custom ops carry Approx-BP through inductor:
     ``dx_i = grad_i * levels[code_i]``, the derivative of the piecewise-linear
     ``h~`` times the incoming gradient, or NaN everywhere if ``nonfinite``
     (where the exact ``h'`` would be NaN, so that GradScaler still skips the
-    step; :mod:`approxbp_fx.reference`). It reads 1/4 byte per element at
+    step; :mod:`approxbp_fx.codes`). It reads 1/4 byte per element at
     ``bits=2`` instead of the 2 or 4 bytes of ``x``, plus the flag's one byte.
 
 All outputs are contiguous; the fake (meta) implementations promise exactly
 that, which inductor relies on when it plans buffers around the fallback call.
 
-On CPU the ops run :mod:`approxbp_fx.reference`'s torch code; on CUDA they run
+On CPU the ops run :mod:`approxbp_fx.codes`' torch code; on CUDA they run
 the Triton kernels below. The file reads top to bottom: kernels, launchers,
 registration.
 """
@@ -35,7 +35,8 @@ import functools
 
 import torch
 
-from ..reference import code_grad_of, nonfinite_flag, pack_codes, packed_numel
+from ..codes import code_grad_of, nonfinite_flag, pack_codes, packed_numel
+from ..coefficients import BITS
 
 try:  # The CPU path must work without Triton.
     import triton
@@ -281,7 +282,7 @@ def launch_code_grad(
 
 
 def _check_args(bits: int, n_thresholds: int | None = None, n_levels: int | None = None) -> None:
-    torch._check(1 <= bits <= 4, lambda: f"approxbp: bits must be in 1..4, got {bits}")
+    torch._check(bits in BITS, lambda: f"approxbp: bits must be in {BITS[0]}..{BITS[-1]}, got {bits}")
     if n_thresholds is not None:
         torch._check(
             n_thresholds == 2**bits - 1,

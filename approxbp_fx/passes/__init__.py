@@ -1,18 +1,51 @@
-"""The joint-graph rewrites, in the order the partitioner applies them.
+"""The pipeline, stage by stage, in the order a compile runs it.
 
-Each rule module exports ``find_sites``, ``predict``, ``apply_sites`` and
-``rewrite``; :mod:`approxbp_fx.partition` drives them through the real
-partitioner and keeps only what measurably shrinks the saved set.
+1. **Before AOTAutograd** (:func:`before_aot`, over ``GRAPH_PASSES``):
+   rewrites of the graph dynamo hands the backend, applied by
+   :mod:`approxbp_fx.backend` before ``compile_fx``. None yet.
+2. **The joint graph** (:data:`RULES`): each rule finds sites in AOTAutograd's
+   joint forward+backward graph; :mod:`approxbp_fx.partition` predicts,
+   applies and measures them with the real partitioner, and keeps only what
+   shrinks the saved set. A rule registers itself where it is defined
+   (:func:`.rule.register`); the imports below are the registration, in the
+   order the rules apply.
+3. **After the cut** (:func:`after_cut`): on the partitioned forward and
+   backward graphs, our opaque ops become aten ops that inductor fuses
+   (:mod:`approxbp_fx.lowering`, when ``act_lowering="inductor"``).
 """
 
-from . import save_act_codes, share_norm_input
+from __future__ import annotations
 
-# 1. save_act_codes first: an activation's codes replace its input; the norm
-#    rule then never sees nodes the activation rule owns (overlaps are skipped).
+import torch.fx as fx
+
+from ..config import ApproxBPConfig
+from .rule import RULES, Rule, Site, register
+
+# 1. save_act_codes first: an activation's codes replace its input. A norm
+#    feeding an activation directly is then left to the activation (one owner
+#    per node: partition.find_sites).
+from . import save_act_codes  # noqa: E402,F401  (registers the rule)
+
 # 2. share_norm_input: a norm's backward reads the tensor its consumers save.
-RULES = {
-    "save_act_codes": save_act_codes,
-    "share_norm_input": share_norm_input,
-}
+from . import share_norm_input  # noqa: E402,F401  (registers the rule)
 
-__all__ = ["RULES", "save_act_codes", "share_norm_input"]
+# Each takes (dynamo's graph module, ApproxBPConfig) and edits it in place.
+GRAPH_PASSES: tuple = ()
+
+
+def before_aot(gm: fx.GraphModule, cfg: ApproxBPConfig) -> None:
+    """Stage 1: the graph passes, in order, on the graph dynamo hands the backend."""
+    for graph_pass in GRAPH_PASSES:
+        graph_pass(gm, cfg)
+
+
+def after_cut(graphs: tuple[fx.GraphModule, ...], cfg: ApproxBPConfig) -> None:
+    """Stage 3: once the partition is cut, the ops need not be opaque (approxbp_fx/lowering.py)."""
+    if cfg.act_lowering == "inductor":
+        from .. import lowering
+
+        for g in graphs:
+            lowering.lower(g)
+
+
+__all__ = ["GRAPH_PASSES", "RULES", "Rule", "Site", "register", "before_aot", "after_cut"]

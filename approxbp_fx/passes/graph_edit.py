@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, TypeVar
-
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-__all__ = ["copy_meta", "fake_run", "apply_each"]
-
-S = TypeVar("S")
+__all__ = ["copy_meta", "fake_run"]
 
 # AC tags describe the node they were put on; a replacement decides its own.
 _NOT_COPIED = ("val", "tensor_meta", "recompute", "ac_graph_id")
@@ -37,15 +33,3 @@ def fake_run(op, args, kwargs=None):
     fake_mode = torch._guards.detect_fake_mode(pytree.tree_leaves((vals, kvals)))
     with fake_mode:
         return op(*vals, **kvals)
-
-
-def apply_each(gm: fx.GraphModule, sites: Sequence[S], apply: Callable[[S], set[str]]) -> dict[str, set[str]]:
-    """Apply ``apply`` to each site (in order), then lint and recompile once.
-
-    Returns site key -> names of the nodes the rewrite added.
-    """
-    out = {site.key: apply(site) for site in sites}
-    if sites:
-        gm.graph.lint()
-        gm.recompile()
-    return out

@@ -43,12 +43,13 @@ from torch._subclasses.fake_tensor import unset_fake_temporarily
 from ..activations import ACTIVATIONS, activation_fn, exact_derivative
 from ..coefficients import table
 from ..config import ApproxBPConfig
-from ..reference import packed_numel
+from ..codes import packed_numel
 from . import pointwise as pw
 from .graph_bytes import hint, is_backward, nbytes
-from .graph_edit import apply_each, copy_meta, fake_run
+from .graph_edit import copy_meta, fake_run
+from .rule import Rule, SiteFields, register
 
-__all__ = ["ActSite", "find_sites", "predict", "apply_site", "apply_sites", "rewrite"]
+__all__ = ["ActSite", "RULE", "find_sites", "predict", "apply_site"]
 
 _act_pack = torch.ops.approxbp.act_pack.default
 _code_grad = torch.ops.approxbp.code_grad.default
@@ -58,24 +59,22 @@ _PROBE_Y = {name: activation_fn(name)(pw.PROBE_X) for name in ACTIVATIONS}
 _PROBE_DX = {name: exact_derivative(name, pw.PROBE_X) for name in ACTIVATIONS}
 
 
-@dataclass(frozen=True)
-class ActSite:
-    """One activation found in a joint graph (node names; stable across copies)."""
+@dataclass(frozen=True, kw_only=True)
+class ActSite(SiteFields):
+    """One activation found in a joint graph (node names; stable across copies).
+
+    ``x`` is its input, what inductor would save; ``x_aliases`` and ``aliases``
+    are the full-size views of x (its bases) and of the closure: the
+    partitioner saves whichever alias is cheapest to reach, so accounting must
+    see them all.
+    """
 
     activation: str
-    x: str  # the input; what inductor would save
     ys: tuple[str, ...]  # nodes equal to h(x)
     dx: str | None  # the node equal to g * h'(x); None if no gradient flows
     grad_region: tuple[str, ...]  # dx and the chain-rule nodes feeding it, which die with it
     g: str | None  # the incoming gradient
     closure: tuple[str, ...]  # every node that is a function of x alone (x included)
-    # Full-size views of x (its bases) and of the closure: the partitioner saves
-    # whichever alias is cheapest to reach, so accounting must see them all.
-    x_aliases: tuple[str, ...]
-    aliases: tuple[str, ...]
-    shape: tuple
-    dtype: torch.dtype
-    skip: str | None = None  # why this site cannot be rewritten, if it cannot
 
     @property
     def key(self) -> str:
@@ -87,26 +86,21 @@ class ActSite:
 
     @property
     def tensors(self) -> set[str]:
-        """Every name under which the site's tensors can appear in a saved set."""
         return {*self.closure, *self.x_aliases, *self.aliases}
 
     @property
     def reads(self) -> set[str]:
-        """The nodes the rewrite reads and leaves in place (the forward stays as it is)."""
+        # The forward stays as it is: x, its closure and the incoming gradient are only read.
         return {*self.tensors, *([self.g] if self.g else [])}
 
     @property
     def writes(self) -> set[str]:
-        """The nodes the rewrite replaces or erases: the gradient and the chain-rule nodes feeding it."""
         return {*([self.dx] if self.dx else []), *self.grad_region}
 
     @property
     def must_leave_backward(self) -> tuple[str, ...]:
         # Saved or recomputed, x in the backward graph means the codes bought nothing.
         return self.x_aliases
-
-    def with_skip(self, why: str) -> "ActSite":
-        return dataclasses.replace(self, skip=why)
 
 
 def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[ActSite]:
@@ -284,16 +278,4 @@ def _erase_dead(graph: fx.Graph, roots: list[fx.Node]) -> None:
         stack.extend(args)
 
 
-def apply_sites(gm: fx.GraphModule, sites: list[ActSite], cfg: ApproxBPConfig) -> dict[str, set[str]]:
-    """Rewrite the given (rewritable) sites of ``gm``, found on it or on a copy of it.
-
-    Returns site key -> names of the nodes the rewrite added (where its saved tensors now live).
-    """
-    return apply_each(gm, sites, lambda site: apply_site(gm, site, cfg))
-
-
-def rewrite(gm: fx.GraphModule, cfg: ApproxBPConfig) -> int:
-    """Rewrite every rewritable site; returns the count."""
-    if not cfg.save_act_codes:
-        return 0
-    return len(apply_sites(gm, [s for s in find_sites(gm, cfg) if s.skip is None], cfg))
+RULE = register(Rule("save_act_codes", find_sites=find_sites, predict=predict, apply_site=apply_site))

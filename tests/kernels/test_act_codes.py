@@ -1,6 +1,6 @@
 """Tests for ``approxbp_fx/kernels/act_codes.py``: the ``approxbp::act_pack`` and
 ``approxbp::code_grad`` ops, their torch (CPU) implementations and their Triton
-kernels, against :mod:`approxbp_fx.reference`.
+kernels, against :mod:`approxbp_fx.codes`.
 
 Three groups:
 
@@ -31,7 +31,7 @@ import torch
 from approxbp_fx.activations import ACTIVATIONS
 from approxbp_fx.coefficients import table
 from approxbp_fx.kernels import act_codes
-from approxbp_fx.reference import code_grad_of, nonfinite_flag, pack_codes, packed_numel
+from approxbp_fx.codes import code_grad_of, nonfinite_flag, pack_codes, packed_numel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BITS = (1, 2, 3, 4)
@@ -230,7 +230,7 @@ def _run_case(m: dict, act_pack, code_grad, **launch) -> tuple:
 
 
 # ---------------------------------------------------------------------------
-# Hand-checked bytes (these pin the layout independently of reference.py)
+# Hand-checked bytes (these pin the layout independently of codes.py)
 # ---------------------------------------------------------------------------
 
 # (bits, thresholds, x, expected bytes)

@@ -9,7 +9,7 @@ from torch import nn
 
 from approxbp_fx import ApproxBPConfig
 from approxbp_fx.passes import save_act_codes
-from approxbp_fx.reference import approx_activation
+from approxbp_fx.eager import approx_activation
 from tests.conftest import ACT_FORMS, DTYPES, MLP, compiled, forced_rule_backend, kept_exact, rewrites, saved_bytes
 
 X_SHAPE = (3, 37, 64)  # 3*37 tokens: matches no weight shape, numel not a multiple of 4
@@ -135,7 +135,7 @@ def test_residual_keeps_its_exact_branch():
     g = torch.randn_like(out)
     (gx,) = torch.autograd.grad(out, x, g)
     from approxbp_fx import table
-    from approxbp_fx.reference import step_derivative
+    from approxbp_fx.codes import step_derivative
 
     h = model.fc(x.detach())
     gh = g @ model.out.weight
@@ -230,7 +230,7 @@ def test_a_clamp_around_an_activation_keeps_its_own_gradient(form):
     torch.manual_seed(0)
     model = FrozenTail(make())
     x = _wide_input(torch.float32)
-    torch.compile(model, backend=forced_rule_backend(save_act_codes))(x).sum().backward()
+    torch.compile(model, backend=forced_rule_backend(save_act_codes.RULE))(x).sum().backward()
     assert forced_rule_backend.applied == 1
     ref = FrozenTail(approximated)
     ref.load_state_dict(model.state_dict())
@@ -254,7 +254,7 @@ def test_a_function_that_is_gelu_only_near_zero_is_not_taken_for_gelu():
     torch.manual_seed(0)
     model = FrozenTail(_gelu_times_far_bump)
     x = _wide_input(torch.float32) * 2  # pre-activations past 60
-    torch.compile(model, backend=forced_rule_backend(save_act_codes))(x).sum().backward()
+    torch.compile(model, backend=forced_rule_backend(save_act_codes.RULE))(x).sum().backward()
     # GELU itself is a site, but its gradient reaches x only through the bump's
     # factor: no node is g * gelu'(x), so nothing is rewritten and the gradient is exact.
     assert forced_rule_backend.applied == 0
@@ -275,7 +275,7 @@ def test_a_round_trip_through_an_integer_dtype_is_no_identity():
     torch.manual_seed(0)
     model = FrozenTail(lambda h: F.gelu(h) * (_trunc(h) - h + 1))
     x = _wide_input(torch.float32) / 4
-    torch.compile(model, backend=forced_rule_backend(save_act_codes))(x).sum().backward()
+    torch.compile(model, backend=forced_rule_backend(save_act_codes.RULE))(x).sum().backward()
     assert forced_rule_backend.applied == 1
     ref = FrozenTail(lambda h: approx_activation(h, "gelu") * (_trunc(h) - h + 1))
     ref.load_state_dict(model.state_dict())

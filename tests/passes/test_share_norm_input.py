@@ -6,12 +6,14 @@ import copy
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 import torch.nn.functional as F
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import approxbp_fx
+import approxbp_fx.partition
 from approxbp_fx import ApproxBPConfig, saved_activation_bytes
 from tests.conftest import NORM_FORMS, NormBlock, compiled, kept_exact, norm_sites, rewrites, saved_bytes
 
@@ -165,7 +167,7 @@ def test_every_spelling_is_found_and_rewritten(form, mode):
     assert [(d.site.op, d.rewritten) for d in decisions] == [(expected, True)], [d.reason for d in decisions]
     (decision,) = decisions
     assert decision.site.shape == X_SHAPE and decision.site.dtype == dtype
-    assert decision.saved_after < decision.saved_before
+    assert decision.bytes_after < decision.bytes_before
     assert rewrites("share_norm_input") == 1 and kept_exact("share_norm_input") == 0
     # The block's Linears have no activation: the other rule finds nothing.
     assert rewrites("save_act_codes") == 0 and kept_exact("save_act_codes") == 0
@@ -217,7 +219,7 @@ class _PropModel(nn.Module):
 )
 def test_fp32_gradients_match_exact(kind, lead, trailing, eps, affine, offset, scale, seed):
     torch._dynamo.reset()  # each example is a new model and shape: no recompile limits, no dynamic shapes
-    approxbp_fx.partition.counters.clear()
+    counters.clear()
     torch.manual_seed(seed)
     model = _randomise(_PropModel(kind, trailing, eps, affine))
     x = torch.randn(*lead, *trailing) * scale + offset
@@ -417,7 +419,7 @@ def test_aot_eager_tier_rewrites_the_same_sites(form):
     assert [d.rewritten for d in norm_sites(reports)] == [True]
 
     torch._dynamo.reset()
-    approxbp_fx.partition.counters.clear()
+    counters.clear()
     reports = []
     got = _grads(model, "aot_eager", x, g, reports=reports)
     assert [d.rewritten for d in norm_sites(reports)] == [True], [d.reason for d in norm_sites(reports)]

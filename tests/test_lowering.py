@@ -1,4 +1,4 @@
-"""passes/lower_act_codes.py: the custom ops become aten ops, element for element the same."""
+"""approxbp_fx/lowering.py: after the cut, the custom ops become aten ops, element for element the same."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import approxbp_fx
 from approxbp_fx import ApproxBPConfig, table
-from approxbp_fx.passes import lower_act_codes
+import approxbp_fx.partition
+from approxbp_fx import lowering
 from tests.conftest import MLP
 
 _OPS = (torch.ops.approxbp.act_pack.default, torch.ops.approxbp.code_grad.default)
@@ -38,7 +39,7 @@ def test_lowered_graph_matches_the_ops_bit_for_bit(bits, numel, dtype, poison):
     g = torch.randn(numel, dtype=dtype)
     gm = make_fx(f, tracing_mode="symbolic")(x, g)
     assert _uses_ops(gm) == 2
-    assert lower_act_codes.lower(gm) == 2
+    assert lowering.lower(gm) == 2
     assert _uses_ops(gm) == 0
     (codes, flag, dx), (codes0, flag0, dx0) = gm(x, g), f(x, g)
     # Codes, flag and gradient are integer logic and one float32 multiply: exact

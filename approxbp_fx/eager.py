@@ -1,32 +1,15 @@
-"""Approx-BP in plain eager PyTorch: the oracle for the tests, usable on its own.
+"""The paper's method in plain eager PyTorch, module by module: the benchmarks' eager peer.
 
-For an activation ``h`` and a :class:`~approxbp_fx.coefficients.StepTable`
-with knots ``c_1 < ... < c_n`` (``n = 2**bits - 1``) and slopes ``a_i``:
-
-* forward is exact: ``y = h(x)``;
-* the code of an element is ``code(x) = #{i : x > c_i}`` in ``0..n``,
-  compared in float32 (a NaN gets code 0);
-* backward is ``dx = dy * level[code(x)]`` with ``level[j] = a_1 + ... + a_j``,
-  the derivative of ``h~(x) = sum_i a_i ReLU(x - c_i)``;
-* if any element of ``x`` is NaN or ±inf, the whole ``dx`` is NaN. The exact
-  backward is NaN at such an element (``inf * 0`` in ``h'``), and that NaN is
-  what tells a GradScaler to skip the step; a code alone cannot carry it (NaN
-  gets code 0, whose level is a finite slope), so one flag per tensor,
-  :func:`nonfinite_flag`, is saved beside the codes. Poisoning the whole
-  tensor is coarser than the exact per-element NaN, never finite where it is not.
-
-Only the packed codes are saved: ``8 // bits`` codes per byte, element ``i`` of
-``x`` in row-major (logical) order in byte ``i // per`` at bit ``(i % per) * bits``.
-The CPU implementation of the custom ops uses :func:`pack_codes` and
-:func:`unpack_levels` below; the Triton kernels must produce identical bytes.
-
-MS-BP in eager form (:class:`MSNorm`): a LayerNorm/RMSNorm that saves its own
-*output* ``y = γ·x̂ + β`` and the per-row ``r = 1/σ``; a following Linear saves
-the same tensor, so the norm's input is no longer held. Backward recovers
-``x̂ = (y − β)/γ`` and applies the usual norm backward (see :func:`ms_norm`).
-:func:`swap_modules` puts both into an existing model, module by module, the
-way the paper's reference code does; it is the eager peer the benchmarks
-compare the compiled backend with.
+* :class:`ApproxActivation` (and :func:`approx_activation`): exact forward
+  ``y = h(x)``; saves the packed codes and the non-finite flag of
+  :mod:`approxbp_fx.codes` instead of ``x``; backward ``dx = dy * level[code]``.
+* :class:`MSNorm` (and :func:`ms_norm`): a LayerNorm/RMSNorm that saves its own
+  *output* ``y = γ·x̂ + β`` and the per-row ``r = 1/σ``; a following Linear
+  saves the same tensor, so the norm's input is no longer held. Backward
+  recovers ``x̂ = (y − β)/γ`` (see :class:`_MSNormFn`).
+* :func:`swap_modules` puts both into an existing model, the way the paper's
+  reference code does. It is also the tests' oracle for what the compiled
+  rewrite must compute.
 
 Example::
 
@@ -38,110 +21,13 @@ Example::
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .activations import exact_forward
+from .codes import code_grad_of, nonfinite_flag, pack_codes
 from .coefficients import StepTable, table
 
-__all__ = [
-    "codes_per_byte",
-    "packed_numel",
-    "code_of",
-    "pack_codes",
-    "nonfinite_flag",
-    "unpack_levels",
-    "code_grad_of",
-    "step_derivative",
-    "approx_activation",
-    "ApproxActivation",
-    "ms_norm",
-    "MSNorm",
-    "swap_modules",
-]
-
-
-def codes_per_byte(bits: int) -> int:
-    if not 1 <= bits <= 4:
-        raise ValueError(f"bits must be in 1..4, got {bits}")
-    return 8 // bits
-
-
-def packed_numel(numel, bits: int):
-    """Bytes holding ``numel`` codes (works on SymInts: no int() on purpose)."""
-    per = codes_per_byte(bits)
-    return (numel + per - 1) // per
-
-
-def code_of(x: torch.Tensor, thresholds) -> torch.Tensor:
-    """``#{i : x > c_i}`` per element as uint8 (float32 comparison; NaN -> 0).
-
-    Functional (no in-place ops): :mod:`approxbp_fx.passes.lower_act_codes`
-    traces this very code into the graphs inductor compiles.
-    """
-    xf = x.float()
-    # Explicit compares, not bucketize: they fix NaN's code at 0, as the kernels do.
-    code = (xf > float(thresholds[0])).to(torch.uint8)
-    for c in thresholds[1:]:
-        code = code + (xf > float(c)).to(torch.uint8)
-    return code
-
-
-def pack_codes(x: torch.Tensor, thresholds, bits: int) -> torch.Tensor:
-    """1-D uint8 tensor of ``packed_numel(x.numel(), bits)`` bytes."""
-    if len(thresholds) != 2**bits - 1:
-        raise ValueError(f"{bits}-bit codes need {2**bits - 1} thresholds, got {len(thresholds)}")
-    per = codes_per_byte(bits)
-    flat = code_of(x.reshape(-1), thresholds).to(torch.int32)
-    # Always pad, never branch on the pad or build a pad-sized tensor: traced on
-    # symbolic sizes (lower_act_codes) either would guard on numel % per and
-    # recompile as the length varies.
-    flat = F.pad(flat, (0, (-flat.numel()) % per))
-    shifts = torch.arange(per, device=x.device, dtype=torch.int32) * bits
-    # Bit fields do not overlap, so the sum is the bitwise or.
-    return (flat.view(-1, per) << shifts).sum(dim=1).to(torch.uint8)
-
-
-def nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
-    """0-d bool: does ``x`` hold a NaN or ±inf? Saved with the codes (1 byte)."""
-    return torch.isfinite(x).logical_not().any()
-
-
-def unpack_levels(codes: torch.Tensor, levels, bits: int, numel: int) -> torch.Tensor:
-    """float32 tensor of ``numel`` derivative levels, in row-major order.
-
-    The lookup is a ``where`` chain on Python floats rather than indexing a
-    table tensor: traced into a compiled graph (lower_act_codes) it needs no
-    constant buffer and stays one fusable pointwise expression.
-    """
-    if len(levels) != 2**bits:
-        raise ValueError(f"{bits}-bit codes need {2**bits} levels, got {len(levels)}")
-    per = codes_per_byte(bits)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    idx = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
-    out = torch.full_like(idx, float(levels[-1]), dtype=torch.float32)
-    for j in range(len(levels) - 2, -1, -1):
-        out = torch.where(idx == j, float(levels[j]), out)
-    return out
-
-
-def code_grad_of(
-    grad: torch.Tensor, codes: torch.Tensor, nonfinite: torch.Tensor, levels, bits: int, out_dtype: torch.dtype
-) -> torch.Tensor:
-    """``dx = grad * level[code]`` in float32, rounded once to ``out_dtype``; all NaN if ``nonfinite``.
-
-    Functional, like :func:`code_of`: lower_act_codes traces it. The ``where``
-    on the 0-d flag is one more select in the same pointwise kernel.
-    """
-    d = unpack_levels(codes, levels, bits, grad.numel()).view(grad.shape)
-    dx = torch.where(nonfinite, float("nan"), grad.float() * d)
-    return dx.to(out_dtype)
-
-
-def step_derivative(x: torch.Tensor, tab: StepTable) -> torch.Tensor:
-    """The approximate derivative straight from ``x`` (no packing), float32."""
-    lut = torch.tensor(tab.levels, dtype=torch.float32, device=x.device)
-    return lut[code_of(x, tab.thresholds).long()]
+__all__ = ["approx_activation", "ApproxActivation", "ms_norm", "MSNorm", "swap_modules"]
 
 
 class _ApproxActivationFn(torch.autograd.Function):

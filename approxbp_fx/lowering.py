@@ -1,6 +1,7 @@
-"""Lower ``approxbp::act_pack`` / ``approxbp::code_grad`` to aten ops after partitioning.
+"""After the cut: ``approxbp::act_pack`` / ``approxbp::code_grad`` become aten ops inductor fuses.
 
-The joint-graph rewrite (:mod:`.save_act_codes`) inserts the two custom ops
+The pipeline's third stage (:mod:`approxbp_fx.passes`). The joint-graph rule
+(:mod:`approxbp_fx.passes.save_act_codes`) inserts the two custom ops
 because the partitioner must see them whole: an opaque op that outputs the
 codes cannot be recomputed from ``x``, so the partitioner saves the codes and
 lets ``x`` die. Once the forward and backward graphs are cut, that job is done,
@@ -42,7 +43,7 @@ import torch.fx as fx
 from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from ..kernels.act_codes import act_pack_torch, code_grad_torch
+from .kernels.act_codes import act_pack_torch, code_grad_torch
 
 __all__ = ["lower"]
 
