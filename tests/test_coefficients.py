@@ -1,4 +1,5 @@
-"""Tests for approxbp_fx.coefficients: the shipped Approx-BP step tables.
+"""Tests for approxbp_fx.coefficients, the shipped Approx-BP step tables, and
+approxbp_fx.derivation.paper, which derives them.
 
 The objective is J(a, c) = int (h - h~)^2 dx with h~(x) = sum a_i ReLU(x - c_i),
 sum a = 1, sum a c = 0.  J*(c) below is J at the KKT-optimal slopes for knots c.
@@ -17,7 +18,11 @@ import pytest
 import torch
 
 from approxbp_fx import coefficients as C
-from approxbp_fx.coefficients import ACTIVATIONS, BITS, StepTable, derive, objective, optimal_slopes, table
+from approxbp_fx.activations import ACTIVATIONS
+from approxbp_fx.coefficients import BITS, StepTable, table
+from approxbp_fx.derivation import paper
+from approxbp_fx.derivation.paper import derive, objective, optimal_slopes
+from approxbp_fx.derivation.residual import Residual
 
 ALL = [(name, bits) for name in ACTIVATIONS for bits in BITS]
 
@@ -80,8 +85,8 @@ def test_bits_1_is_relu():
 
 
 def test_literal_round_trips():
-    """The `python -m approxbp_fx.coefficients` printer reproduces _SHIPPED exactly."""
-    text = C._literal(table(name, bits) for name, bits in ALL)
+    """The `python -m approxbp_fx.derivation.paper` printer reproduces _SHIPPED exactly."""
+    text = paper._literal(table(name, bits) for name, bits in ALL)
     ns: dict = {}
     exec(text, ns)
     assert ns["_SHIPPED"] == C._SHIPPED
@@ -295,7 +300,7 @@ def test_closed_form_tail_moments_match_quadrature():
     Phi / polylog antiderivatives against plain mpmath.quad."""
     with mpmath.workdps(30):
         for name in ("gelu", "silu", "quick_gelu"):
-            act = C._Activation(name)
+            act = Residual(name)
             ts = [mpmath.mpf(v) for v in ("0", "0.7", "2.5", "6")]
             got = act.tails(ts)
             for t in ts:
