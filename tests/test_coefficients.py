@@ -21,6 +21,7 @@ from approxbp_fx import coefficients as C
 from approxbp_fx.activations import ACTIVATIONS
 from approxbp_fx.coefficients import BITS, StepTable, table
 from approxbp_fx.derivation import paper
+from approxbp_fx.derivation.gates import per_activation
 from approxbp_fx.derivation.paper import derive, objective, optimal_slopes
 from approxbp_fx.derivation.residual import Residual
 
@@ -374,3 +375,59 @@ def test_module_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert importlib.util.find_spec("approxbp_fx.coefficients") is not None
+
+
+# The package's __init__ imports torch._dynamo, which imports sympy, so an
+# empty stand-in parent lets `import approxbp_fx.coefficients` run that module
+# alone, as it runs inside the package.
+_BLOCKED = """
+import importlib.abc, sys, types
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("mpmath", "sympy"):
+            raise ImportError(f"{name} is blocked")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+for probe in ("mpmath", "sympy"):
+    try:
+        __import__(probe)
+    except ImportError:
+        pass
+    else:
+        raise AssertionError(probe + " was not blocked")
+pkg = types.ModuleType("approxbp_fx")
+pkg.__path__ = [PKG_DIR]
+sys.modules["approxbp_fx"] = pkg
+import approxbp_fx.coefficients as C
+for name, bits in C._SHIPPED:
+    tab = C.table(name, bits)
+    assert len(tab.levels) == 2**bits and tab.levels[-1] == 1.0
+print(list(C._SHIPPED))
+"""
+
+
+def test_runtime_tables_load_with_mpmath_and_sympy_blocked():
+    code = _BLOCKED.replace("PKG_DIR", repr(str(Path(C.__file__).parent)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == repr(ALL)
+
+
+def test_every_activation_and_bits_is_shipped_and_nothing_else():
+    """approxbp_fx.activations.ACTIVATIONS is the one list: every family ships
+    a table for each activation and bits, and table() knows no other name."""
+    assert C._ACTIVATIONS == ACTIVATIONS
+    for tables in C._FAMILIES.values():
+        assert list(tables) == ALL
+    for name, bits in [("relu", 2), ("GELU", 2), ("gelu", 0), ("gelu", 5), ("silu", 8)]:
+        with pytest.raises(ValueError, match="unknown activation|bits must be one of"):
+            table(name, bits)
+
+
+def test_derivation_maths_covers_exactly_the_activations():
+    full = dict.fromkeys(ACTIVATIONS, None)
+    assert per_activation(full) is full
+    for wrong in (dict.fromkeys(ACTIVATIONS[1:]), {**full, "relu": None}):
+        with pytest.raises(RuntimeError, match="the activations are"):
+            per_activation(wrong)
