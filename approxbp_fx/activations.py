@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activation_fn", "exact_forward", "exact_derivative"]
+__all__ = ["ACTIVATIONS", "check_activation", "activation_fn", "exact_forward", "exact_derivative"]
 
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -42,12 +42,16 @@ _FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 ACTIVATIONS: tuple[str, ...] = tuple(_FNS)
 
 
+def check_activation(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is one of :data:`ACTIVATIONS`."""
+    if name not in _FNS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
 def activation_fn(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """The exact activation called ``name`` (one of :data:`ACTIVATIONS`)."""
-    try:
-        return _FNS[name]
-    except KeyError:
-        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}") from None
+    check_activation(name)
+    return _FNS[name]
 
 
 def exact_forward(name: str, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:

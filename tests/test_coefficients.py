@@ -1,4 +1,5 @@
-"""Tests for approxbp_fx.coefficients: the shipped Approx-BP step tables.
+"""Tests for approxbp_fx.coefficients, the shipped Approx-BP step tables, and
+approxbp_fx.derivation.paper, which derives them.
 
 The objective is J(a, c) = int (h - h~)^2 dx with h~(x) = sum a_i ReLU(x - c_i),
 sum a = 1, sum a c = 0.  J*(c) below is J at the KKT-optimal slopes for knots c.
@@ -17,7 +18,12 @@ import pytest
 import torch
 
 from approxbp_fx import coefficients as C
-from approxbp_fx.coefficients import ACTIVATIONS, BITS, StepTable, derive, objective, optimal_slopes, table
+from approxbp_fx.activations import ACTIVATIONS
+from approxbp_fx.coefficients import BITS, StepTable, table
+from approxbp_fx.derivation import paper
+from approxbp_fx.derivation.gates import per_activation
+from approxbp_fx.derivation.paper import derive, objective, optimal_slopes
+from approxbp_fx.derivation.residual import Residual
 
 ALL = [(name, bits) for name in ACTIVATIONS for bits in BITS]
 
@@ -80,8 +86,8 @@ def test_bits_1_is_relu():
 
 
 def test_literal_round_trips():
-    """The `python -m approxbp_fx.coefficients` printer reproduces _SHIPPED exactly."""
-    text = C._literal(table(name, bits) for name, bits in ALL)
+    """The `python -m approxbp_fx.derivation.paper` printer reproduces _SHIPPED exactly."""
+    text = paper._literal(table(name, bits) for name, bits in ALL)
     ns: dict = {}
     exec(text, ns)
     assert ns["_SHIPPED"] == C._SHIPPED
@@ -295,7 +301,7 @@ def test_closed_form_tail_moments_match_quadrature():
     Phi / polylog antiderivatives against plain mpmath.quad."""
     with mpmath.workdps(30):
         for name in ("gelu", "silu", "quick_gelu"):
-            act = C._Activation(name)
+            act = Residual(name)
             ts = [mpmath.mpf(v) for v in ("0", "0.7", "2.5", "6")]
             got = act.tails(ts)
             for t in ts:
@@ -369,3 +375,59 @@ def test_module_import_is_cheap():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert importlib.util.find_spec("approxbp_fx.coefficients") is not None
+
+
+# The package's __init__ imports torch._dynamo, which imports sympy, so an
+# empty stand-in parent lets `import approxbp_fx.coefficients` run that module
+# alone, as it runs inside the package.
+_BLOCKED = """
+import importlib.abc, sys, types
+
+class Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in ("mpmath", "sympy"):
+            raise ImportError(f"{name} is blocked")
+        return None
+
+sys.meta_path.insert(0, Refuse())
+for probe in ("mpmath", "sympy"):
+    try:
+        __import__(probe)
+    except ImportError:
+        pass
+    else:
+        raise AssertionError(probe + " was not blocked")
+pkg = types.ModuleType("approxbp_fx")
+pkg.__path__ = [PKG_DIR]
+sys.modules["approxbp_fx"] = pkg
+import approxbp_fx.coefficients as C
+for name, bits in C._SHIPPED:
+    tab = C.table(name, bits)
+    assert len(tab.levels) == 2**bits and tab.levels[-1] == 1.0
+print(list(C._SHIPPED))
+"""
+
+
+def test_runtime_tables_load_with_mpmath_and_sympy_blocked():
+    code = _BLOCKED.replace("PKG_DIR", repr(str(Path(C.__file__).parent)))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == repr(ALL)
+
+
+def test_every_activation_and_bits_is_shipped_and_nothing_else():
+    """approxbp_fx.activations.ACTIVATIONS is the one list: every family ships
+    a table for each activation and bits, and table() knows no other name."""
+    assert C._ACTIVATIONS == ACTIVATIONS
+    for tables in C._FAMILIES.values():
+        assert list(tables) == ALL
+    for name, bits in [("relu", 2), ("GELU", 2), ("gelu", 0), ("gelu", 5), ("silu", 8)]:
+        with pytest.raises(ValueError, match="unknown activation|bits must be one of"):
+            table(name, bits)
+
+
+def test_derivation_maths_covers_exactly_the_activations():
+    full = dict.fromkeys(ACTIVATIONS, None)
+    assert per_activation(full) is full
+    for wrong in (dict.fromkeys(ACTIVATIONS[1:]), {**full, "relu": None}):
+        with pytest.raises(RuntimeError, match="the activations are"):
+            per_activation(wrong)

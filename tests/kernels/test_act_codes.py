@@ -34,7 +34,7 @@ from approxbp_fx.kernels import act_codes
 from approxbp_fx.codes import code_grad_of, nonfinite_flag, pack_codes, packed_numel
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BITS = (1, 2, 3, 4)
+from approxbp_fx.coefficients import BITS  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The k=2 GELU table, written out so the hand-checked bytes below do not depend
