@@ -29,12 +29,11 @@ import pytest
 import torch
 
 from approxbp_fx.activations import ACTIVATIONS
-from approxbp_fx.coefficients import table
-from approxbp_fx.kernels import act_codes
 from approxbp_fx.codes import code_grad_of, nonfinite_flag, pack_codes, packed_numel
+from approxbp_fx.coefficients import BITS, table
+from approxbp_fx.kernels import act_codes
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-from approxbp_fx.coefficients import BITS  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The k=2 GELU table, written out so the hand-checked bytes below do not depend
