@@ -1,8 +1,7 @@
 """Random pointwise chains around activations and norms: the forward fuzzer's models.
 
-Shared by tests/test_forward_fuzz.py (as ``benchmarks._forward_nets``: pytest puts
-the repository root on ``sys.path``) and benchmarks/forward_fuzz.py (as
-``_forward_nets``), so it imports nothing from tests/. docs/fuzz.md explains the check.
+Shared by tests/test_forward_fuzz.py and benchmarks/forward_fuzz.py, so it
+imports nothing from tests/. docs/fuzz.md explains the check.
 
 The property, checked by benchmarks/_forward_check.py: ``torch.compile(model,
 backend=approxbp)``'s forward is **bit for bit** ``backend="inductor"``'s, and both compile.

@@ -1,6 +1,6 @@
 """The long forward-equivalence fuzz run: approxbp's forward against inductor's, bit for bit.
 
-    python benchmarks/forward_fuzz.py --minutes 20 --seed 0   # docs/results/forward_fuzz.json + docs/fuzz.md
+    python -m benchmarks.forward_fuzz --minutes 20 --seed 0   # docs/results/forward_fuzz.json + docs/fuzz.md
 
 Every example is a random :class:`_forward_nets.ForwardSpec` (a pointwise chain
 around GELU/SiLU/QuickGELU spellings and norms, with clamps, casts, dropout,
@@ -21,15 +21,12 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# This checkout's approxbp_fx, not whichever one an editable install points at
-# (sys.path entries win over the editable finder); the script's folder is already there.
-sys.path.insert(0, str(ROOT))
-from _failures import signature  # noqa: E402
-from _forward_check import PeerFailed, check  # noqa: E402
-from _forward_nets import DTYPES, ForwardSpec, forward_specs, spec_from_repr  # noqa: E402
-from _report import provenance, write_section  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, seed, settings
+
+from ._failures import signature
+from ._forward_check import PeerFailed, check
+from ._forward_nets import DTYPES, ForwardSpec, forward_specs, spec_from_repr
+from ._report import ROOT, provenance, write_section
 
 
 def attempt(spec: ForwardSpec) -> tuple[str, dict | str]:
@@ -258,7 +255,7 @@ def main(argv=None) -> int:
     summary = _summary(rows, start)
     failures = _minimise_all(rows, args.minimise_s)
     summary["wall_s"] = round(time.monotonic() - start, 1)
-    meta, command = provenance("forward_fuzz.py", argv)
+    meta, command = provenance("forward_fuzz", argv)
     meta.update(seed=args.seed, minutes=args.minutes)
     payload = {"meta": meta, "command": command, "summary": summary, "failures": failures, "examples": rows}
     write_section(args.json, args.md, payload, "forward fuzz", render(payload))

@@ -1,11 +1,11 @@
-"""The long fuzz run: many random networks through tests/fuzz_nets.py's check.
+"""The long fuzz run: many random networks through benchmarks/_fuzz_nets.py's check.
 
-    python benchmarks/fuzz.py --examples 40 --seed 0    # writes docs/results/fuzz.json + docs/fuzz.md
+    python -m benchmarks.fuzz --examples 40 --seed 0    # writes docs/results/fuzz.json + docs/fuzz.md
 
-Every example is a random :class:`tests.fuzz_nets.NetSpec`, drawn by hypothesis
+Every example is a random :class:`_fuzz_nets.NetSpec`, drawn by hypothesis
 from ``--seed`` (the same seed draws the same networks), compiled with
 ``backend=approxbp`` and its peer, and checked against the eager reference
-(forward, gradients, saved bytes, the report: see tests/fuzz_nets.py). Unlike
+(forward, gradients, saved bytes, the report: see benchmarks/_fuzz_nets.py). Unlike
 the CI test, a failure does not stop the run: every example is tried, each
 distinct failure (exception type and message head) is then shrunk greedily to
 a minimal NetSpec, and everything lands in the JSON and a short docs page.
@@ -20,15 +20,11 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _failures import signature  # noqa: E402
-from _report import provenance, write_section  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
-
-from tests.fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs  # noqa: E402
+from ._failures import signature
+from ._fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs
+from ._report import ROOT, provenance, write_section
 
 
 def attempt(spec: NetSpec, tier: str) -> tuple[str, dict | str]:
@@ -88,7 +84,7 @@ def render(payload: dict) -> str:
         "Each example is a random network of Linear, GELU/SiLU (every spelling: nn, F, hand-written, Hugging Face),",
         "LayerNorm/RMSNorm (nn, F, Hugging Face), dropout and gating blocks, chained or residual, in fp32, bf16,",
         "fp64 or under bf16 autocast, with random frozen Linears, code bits and partitioner settings",
-        "(`tests/fuzz_nets.py`). Each is checked for: forward equal to the peer's; gradients equal to an eager",
+        "(`benchmarks/_fuzz_nets.py`). Each is checked for: forward equal to the peer's; gradients equal to an eager",
         "reference in which exactly the activations the backend reported approximated use the step derivative;",
         "saved bytes at most the peer's; every activation reported once, as what it is.",
         "",
@@ -180,7 +176,7 @@ def main(argv=None) -> int:
                                     if r["status"] == "ok" and f"dtype='{dt}'" in r["spec"]), default=None)
                            for dt in ("float32", "float64", "bfloat16", "autocast")},
     }
-    meta, command = provenance("fuzz.py", argv)
+    meta, command = provenance("fuzz", argv)
     meta.update(tier=args.tier, seed=args.seed, max_blocks=args.max_blocks)
     payload = {"meta": meta, "command": command, "summary": summary, "failures": list(failures.values()),
                "examples": rows}

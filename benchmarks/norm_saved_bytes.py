@@ -1,6 +1,6 @@
 """MS-BP: saved activation bytes and gradient fidelity for norm blocks and whole models.
 
-    python benchmarks/norm_saved_bytes.py     # writes docs/results/norm_saved_bytes.json + docs/norm_saved_bytes.md
+    python -m benchmarks.norm_saved_bytes     # writes docs/results/norm_saved_bytes.json + docs/norm_saved_bytes.md
 
 Rows: LayerNorm / RMSNorm / Hugging Face LlamaRMSNorm -> trainable Linear, and
 2-layer GPT-2 and LLaMA models (real Hugging Face code, random init), with
@@ -17,7 +17,6 @@ Device-independent: runs on CPU. Needs transformers and peft (the ``hf`` extra).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -26,8 +25,7 @@ from torch import nn
 import approxbp_fx
 from approxbp_fx import ApproxBPConfig, saved_activation_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, provenance, write  # noqa: E402
+from ._report import ROOT, provenance, write
 
 
 class NormLinear(nn.Module):
@@ -262,7 +260,7 @@ def main(argv=None) -> None:
         for kind, scenario in cells
         for precision in ("bf16", "autocast")
     ]
-    meta, command = provenance("norm_saved_bytes.py", argv)
+    meta, command = provenance("norm_saved_bytes", argv)
     meta.update(d=args.d, tokens=list(args.tokens), steps=args.steps, threads=torch.get_num_threads())
     write(args.json, args.md, {"meta": meta, "command": command, "rows": rows}, render(rows, meta, command))
 

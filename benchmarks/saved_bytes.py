@@ -1,6 +1,6 @@
 """Saved activation bytes per training step: eager vs inductor vs approxbp.
 
-    python benchmarks/saved_bytes.py                # writes docs/results/saved_bytes.json + docs/saved_bytes.md
+    python -m benchmarks.saved_bytes                # writes docs/results/saved_bytes.json + docs/saved_bytes.md
 
 Blocks: linear -> activation -> linear (GELU and SiLU), second linear trainable
 or frozen, bf16 and fp32 weights, plus SwiGLU as the case that must stay exact.
@@ -11,7 +11,6 @@ from the JSON this script writes.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -21,8 +20,7 @@ from torch import nn
 import approxbp_fx
 from approxbp_fx import saved_activation_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, provenance, write  # noqa: E402
+from ._report import ROOT, provenance, write
 
 
 class MLP(nn.Module):
@@ -104,7 +102,7 @@ def main(argv=None) -> None:
         for frozen in (False, True)
         for dtype in (torch.bfloat16, torch.float32)
     ]
-    meta, command = provenance("saved_bytes.py", argv)
+    meta, command = provenance("saved_bytes", argv)
     meta.update(d=args.d, hidden=args.hidden, tokens=list(args.tokens), bits=approxbp_fx.ApproxBPConfig().bits)
     write(args.json, args.md, {"meta": meta, "command": command, "rows": rows}, render(rows, meta, command))
 

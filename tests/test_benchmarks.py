@@ -7,31 +7,16 @@ one device-independent figure (saved bytes), never on speed.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmarks import forward_fuzz, fuzz, kernels, train_step
 
 
-@pytest.fixture
-def bench_module(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-
-    def load(name):
-        sys.modules.pop(name, None)
-        return importlib.import_module(name)
-
-    return load
-
-
-def test_train_step_harness_writes_results_and_renders(tmp_path, bench_module):
+def test_train_step_harness_writes_results_and_renders(tmp_path):
     pytest.importorskip("peft")
-    train_step = bench_module("train_step")
     rc = train_step.main([
         "--tag", "t", "--device", "cpu", "--models", "gpt2-124m", "--scenarios", "lora_qv",
         "--precisions", "bf16", "--backends", "eager", "inductor", "reference_eager", "approxbp",
@@ -51,8 +36,7 @@ def test_train_step_harness_writes_results_and_renders(tmp_path, bench_module):
     assert "| gpt2-124m | lora_qv | bf16 |" in md and "Saved activation bytes" in md
 
 
-def test_kernel_microbenchmark_runs_on_cpu(tmp_path, bench_module):
-    kernels = bench_module("kernels")
+def test_kernel_microbenchmark_runs_on_cpu(tmp_path):
     assert kernels.main(["--tag", "t", "--device", "cpu", "--sizes", "8192", "--iters", "1", "--out-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results" / "kernels_t.json").read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"act_pack", "code_grad", "layer_norm_bwd", "rms_norm_bwd"}
@@ -64,8 +48,7 @@ def test_kernel_microbenchmark_runs_on_cpu(tmp_path, bench_module):
     assert "| act_pack | approxbp lowered (inductor) |" in (tmp_path / "kernels.md").read_text()
 
 
-def test_fuzz_script_runs_and_reports(tmp_path, bench_module):
-    fuzz = bench_module("fuzz")
+def test_fuzz_script_runs_and_reports(tmp_path):
     out = tmp_path / "fuzz.json"
     rc = fuzz.main(["--examples", "2", "--seed", "1", "--tier", "aot_eager", "--max-blocks", "1",
                     "--json", str(out), "--md", str(tmp_path / "fuzz.md")])
@@ -77,8 +60,7 @@ def test_fuzz_script_runs_and_reports(tmp_path, bench_module):
     assert "| aot_eager | 2 |" in (tmp_path / "fuzz.md").read_text()
 
 
-def test_forward_fuzz_script_runs_and_renders_its_own_section(tmp_path, bench_module):
-    forward_fuzz = bench_module("forward_fuzz")
+def test_forward_fuzz_script_runs_and_renders_its_own_section(tmp_path):
     md, out = tmp_path / "fuzz.md", tmp_path / "forward_fuzz.json"
     gradient = "<!-- begin gradient fuzz (generated) -->\n# the gradient fuzzer's page\n<!-- end gradient fuzz -->\n"
     md.write_text(gradient)
@@ -93,8 +75,7 @@ def test_forward_fuzz_script_runs_and_renders_its_own_section(tmp_path, bench_mo
     assert text.count("## Forward equivalence") == 1 and "| 1 | 1 | 0 | 0 | 0 |" in text
 
 
-def test_forward_fuzz_describes_and_shrinks_specs(bench_module):
-    forward_fuzz = bench_module("forward_fuzz")
+def test_forward_fuzz_describes_and_shrinks_specs():
     Spec = forward_fuzz.ForwardSpec
     spec = Spec(chain=(("clamp", -10.0, 10.0), ("where", 0.0, (("act", "F.gelu"),), ())), fc2="frozen",
                 specials=((3, math.inf), (1000, math.nan)))

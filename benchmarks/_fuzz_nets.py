@@ -1,7 +1,8 @@
 """Random small networks, and the one check every fuzz example must pass.
 
 Shared by ``tests/test_fuzz.py`` (a few derandomized examples in CI) and
-``benchmarks/fuzz.py`` (the long run). A :class:`NetSpec` is plain data
+``benchmarks/fuzz.py`` (the long run), so it imports nothing from tests/.
+A :class:`NetSpec` is plain data
 (its ``repr`` rebuilds it), :func:`net_specs` is the hypothesis strategy that
 draws one, :func:`build` turns it into a model, an input and an upstream
 gradient, and :func:`check` runs it three ways and asserts:
@@ -63,7 +64,8 @@ from approxbp_fx import ApproxBPConfig
 from approxbp_fx.coefficients import table
 from approxbp_fx.measure import count_saved_bytes
 from approxbp_fx.reference import ApproxActivation
-from tests.conftest import ACT_FORMS, NORM_FORMS
+
+from ._forms import ACT_FORMS, NORM_FORMS
 
 
 def _hf_act(name: str):
@@ -81,7 +83,7 @@ def _fixed(fn):
 
 
 # Every spelling of an activation the fuzzer uses: name -> (activation the
-# backend must recognise, factory of a callable). conftest's forms, plus the
+# backend must recognise, factory of a callable). The pass tests' forms, plus the
 # functional ones and Hugging Face's classes.
 FORMS = {
     **{name: (act, _fixed(fn)) for name, (act, fn) in ACT_FORMS.items()},
