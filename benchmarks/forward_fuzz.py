@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from ._failures import signature
 from ._forward_check import PeerFailed, check
 from ._forward_nets import DTYPES, ForwardSpec, forward_specs, spec_from_repr
+from ._render import markdown_table, produced_by
 from ._report import ROOT, provenance, write_section
 
 
@@ -144,8 +145,8 @@ def render(payload: dict) -> str:
     out = [
         "## Forward equivalence: approxbp against inductor, bit for bit",
         "",
-        f"Produced by `{payload['command']}` with torch {meta['torch']} on {meta['machine']} ({meta['date']}), "
-        f"in {s['wall_s'] / 60:.1f} min ({s['fuzz_s'] / 60:.1f} min drawing examples, the rest shrinking failures). "
+        f"{produced_by(payload['command'], meta)}, in {s['wall_s'] / 60:.1f} min "
+        f"({s['fuzz_s'] / 60:.1f} min drawing examples, the rest shrinking failures). "
         "Raw results: `docs/results/forward_fuzz.json`.",
         "",
         "Each example is `fc2(chain(fc1(x)))`, optionally plus or times a second chain of `fc1(x)`, with `fc1`",
@@ -158,15 +159,13 @@ def render(payload: dict) -> str:
         "forward and backward, and approxbp's output equals inductor's bit for bit (NaN where inductor has NaN,",
         "`torch.equal` elsewhere). Examples inductor cannot run either are skipped.",
         "",
-        "| examples | passed | skipped (inductor failed too) | failed | distinct failures "
-        "| examples with a rewritten site |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {s['examples']} | {s['ok']} | {s['peer_fail']} | {s['fail']} | {len(payload['failures'])} "
-        f"| {s['rewritten_examples']} |",
+        *markdown_table(["examples", "passed", "skipped (inductor failed too)", "failed", "distinct failures",
+                         "examples with a rewritten site"], "rrrrrr",
+                        [[s["examples"], s["ok"], s["peer_fail"], s["fail"], len(payload["failures"]),
+                          s["rewritten_examples"]]]),
         "",
-        "| dtype | examples | failed |",
-        "|---|---:|---:|",
-        *(f"| {dt} | {n} | {s['fail_by_dtype'][dt]} |" for dt, n in s["by_dtype"].items()),
+        *markdown_table(["dtype", "examples", "failed"], "lrr",
+                        [[dt, n, s["fail_by_dtype"][dt]] for dt, n in s["by_dtype"].items()]),
         "",
     ]
     if not payload["failures"]:

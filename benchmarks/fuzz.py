@@ -24,6 +24,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from ._failures import signature
 from ._fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs
+from ._render import markdown_table, produced_by
 from ._report import ROOT, provenance, write_section
 
 
@@ -78,8 +79,8 @@ def render(payload: dict) -> str:
     out = [
         "# Fuzzing approxbp against inductor and the eager reference",
         "",
-        f"Produced by `{payload['command']}` with torch {meta['torch']} on {meta['machine']} ({meta['date']}), "
-        f"in {s['wall_s'] / 60:.1f} min. Raw results: `docs/results/fuzz.json`.",
+        f"{produced_by(payload['command'], meta)}, in {s['wall_s'] / 60:.1f} min. "
+        "Raw results: `docs/results/fuzz.json`.",
         "",
         "Each example is a random network of Linear, GELU/SiLU (every spelling: nn, F, hand-written, Hugging Face),",
         "LayerNorm/RMSNorm (nn, F, Hugging Face), dropout and gating blocks, chained or residual, in fp32, bf16,",
@@ -88,9 +89,9 @@ def render(payload: dict) -> str:
         "reference in which exactly the activations the backend reported approximated use the step derivative;",
         "saved bytes at most the peer's; every activation reported once, as what it is.",
         "",
-        f"| tier | examples | passed | ambiguous (code flips at a threshold) | failed | distinct failures |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| {meta['tier']} | {s['examples']} | {s['ok']} | {s['ambiguous']} | {s['fail']} | {len(payload['failures'])} |",
+        *markdown_table(["tier", "examples", "passed", "ambiguous (code flips at a threshold)", "failed",
+                         "distinct failures"], "lrrrrr",
+                        [[meta["tier"], s["examples"], s["ok"], s["ambiguous"], s["fail"], len(payload["failures"])]]),
         "",
         f"Across the passing examples: {s['act_sites']} activation sites ({s['act_rewritten']} approximated), "
         f"{s['norm_sites']} norm sites ({s['norm_rewritten']} rewritten); saved bytes {s['saved_approxbp']:,} "

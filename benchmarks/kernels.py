@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from approxbp_fx import table  # (importing approxbp_fx registers the approxbp:: ops)
 from approxbp_fx.kernels.act_codes import act_pack_torch, code_grad_torch
 
+from ._render import markdown_table
 from ._report import ROOT, provenance
 
 BF16 = torch.bfloat16
@@ -153,14 +154,15 @@ def render(data: dict) -> str:
         f"triton {meta.get('triton')}). Raw figures: `docs/results/kernels_{meta['tag']}.json`. "
         f"Measured copy bandwidth: {meta['copy_GBps']:.0f} GB/s (read + write).",
         "",
-        "| kernel | implementation | elements | µs | GB/s | % copy |",
-        "|---|---|---:|---:|---:|---:|",
+        *markdown_table(["kernel", "implementation", "elements", "µs", "GB/s", "% copy"], "llrrrr",
+                        [[r["kernel"], r["impl"], f"{r['numel']:,}", f"{1e6 * r['s']:.1f}", f"{_gbps(r):.0f}",
+                          f"{100 * _gbps(r) / meta['copy_GBps']:.0f}%"] for r in data["rows"]]),
     ]
-    for r in data["rows"]:
-        gbps = r["bytes"] / r["s"] / 1e9
-        out.append(f"| {r['kernel']} | {r['impl']} | {r['numel']:,} | {1e6 * r['s']:.1f} | {gbps:.0f} | "
-                   f"{100 * gbps / meta['copy_GBps']:.0f}% |")
     return "\n".join(out) + "\n"
+
+
+def _gbps(row: dict) -> float:
+    return row["bytes"] / row["s"] / 1e9
 
 
 def main(argv=None) -> int:

@@ -20,6 +20,7 @@ from torch import nn
 import approxbp_fx
 from approxbp_fx import saved_activation_bytes
 
+from ._render import markdown_table, produced_by
 from ._report import ROOT, provenance, write
 
 
@@ -67,23 +68,25 @@ def measure(block: str, frozen: bool, dtype: torch.dtype, d: int, hidden: int, t
     return row
 
 
+_COLUMNS = ["block", "2nd linear", "dtype", "eager B", "inductor B", "approxbp B", "approxbp / inductor"]
+
+
+def _row(r: dict) -> list[str]:
+    return [r["block"], r["second_linear"], r["dtype"], f"{r['eager']:,}", f"{r['inductor']:,}", f"{r['approxbp']:,}",
+            f"{r['approxbp_over_inductor']:.3f}"]
+
+
 def render(rows: list[dict], meta: dict, command: str) -> str:
     out = [
         "# Saved activation bytes per training step",
         "",
-        f"Produced by `{command}` with torch {meta['torch']} on {meta['machine']} ({meta['date']}).",
+        f"{produced_by(command, meta)}.",
         f"Block: `x[{meta['tokens'][0]}x{meta['tokens'][1]}x{meta['d']}]` -> Linear({meta['d']}, {meta['hidden']}) -> act -> "
         f"Linear({meta['hidden']}, {meta['d']}); 2-bit codes. Raw figures: `docs/results/saved_bytes.json`.",
         "Bytes exclude parameters (see `approxbp_fx.measure`).",
         "",
-        "| block | 2nd linear | dtype | eager B | inductor B | approxbp B | approxbp / inductor |",
-        "|---|---|---|---:|---:|---:|---:|",
+        *markdown_table(_COLUMNS, "lllrrrr", map(_row, rows)),
     ]
-    for r in rows:
-        out.append(
-            f"| {r['block']} | {r['second_linear']} | {r['dtype']} | {r['eager']:,} | {r['inductor']:,} | "
-            f"{r['approxbp']:,} | {r['approxbp_over_inductor']:.3f} |"
-        )
     return "\n".join(out) + "\n"
 
 

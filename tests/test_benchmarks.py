@@ -9,10 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 
-from benchmarks import forward_fuzz, fuzz, kernels, train_step
+from benchmarks import forward_fuzz, fuzz, kernels, norm_saved_bytes, saved_bytes, train_step
+from benchmarks._render import markdown_table
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def test_train_step_harness_writes_results_and_renders(tmp_path):
@@ -89,3 +93,23 @@ def test_forward_fuzz_describes_and_shrinks_specs():
     assert dataclasses.replace(spec, tokens=(1, 8), specials=((3, math.inf),)) in candidates
     for cand in candidates:
         cand.build()
+
+
+def test_markdown_table_aligns_each_column_and_refuses_a_ragged_row():
+    rows = [["GELU MLP", "yes", "1,024"], ["SwiGLU", "**no**", 7]]
+    assert markdown_table(["block", "parity", "bytes"], "lcr", rows) == [
+        "| block | parity | bytes |",
+        "|---|:-:|---:|",
+        "| GELU MLP | yes | 1,024 |",
+        "| SwiGLU | **no** | 7 |",
+    ]
+    with pytest.raises(ValueError, match="2 cells, the header 3"):
+        markdown_table(["block", "parity", "bytes"], "lcr", [["GELU MLP", "yes"]])
+
+
+@pytest.mark.parametrize("script", [saved_bytes, norm_saved_bytes], ids=lambda m: m.__name__)
+def test_committed_page_is_what_its_committed_json_renders_to(script):
+    # Every figure on these pages comes from the JSON: re-rendering it must give the page byte for byte.
+    name = script.__name__.rpartition(".")[2]
+    data = json.loads((DOCS / "results" / f"{name}.json").read_text())
+    assert script.render(data["rows"], data["meta"], data["command"]) == (DOCS / f"{name}.md").read_text()
