@@ -2,7 +2,8 @@
 
 One table each, keyed by the op approxbp must recognise: the pass tests
 (tests/conftest.py re-exports them) and the gradient fuzzer
-(benchmarks/_fuzz_nets.py) draw from the same spellings.
+(benchmarks/_fuzz_nets.py) draw from the same spellings. The fuzzers build
+their Hugging Face spellings with :func:`hf_act` and :func:`hf_norm`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,18 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+def hf_act(name: str):
+    """A factory of Hugging Face's ``ACT2FN[name]``."""
+
+    # Imported lazily: transformers costs ~2 s to import, and only these forms need it.
+    def make():
+        from transformers.activations import ACT2FN
+
+        return ACT2FN[name]
+
+    return make
+
 
 # Every spelling of an activation that real model code uses, keyed by the
 # activation the pass should recognise.
@@ -56,7 +69,9 @@ class FunctionalRMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def _hf_norm(module: str, cls: str):
+def hf_norm(module: str, cls: str):
+    """A factory(width) of the norm class ``cls`` in ``transformers.models.<module>``."""
+
     # Imported lazily: transformers is only needed by the forms that build these.
     def make(d):
         import importlib
@@ -75,8 +90,8 @@ NORM_FORMS = {
     "F.layer_norm": ("layer_norm", FunctionalLayerNorm),
     "nn.RMSNorm": ("rms_norm", lambda d: nn.RMSNorm(d)),
     "F.rms_norm": ("rms_norm", FunctionalRMSNorm),
-    "LlamaRMSNorm": ("rms_norm", _hf_norm("llama.modeling_llama", "LlamaRMSNorm")),
-    "T5LayerNorm": ("rms_norm", _hf_norm("t5.modeling_t5", "T5LayerNorm")),
+    "LlamaRMSNorm": ("rms_norm", hf_norm("llama.modeling_llama", "LlamaRMSNorm")),
+    "T5LayerNorm": ("rms_norm", hf_norm("t5.modeling_t5", "T5LayerNorm")),
     # (1 + weight) scaling, zero-initialised weight.
-    "GemmaRMSNorm": ("rms_norm", _hf_norm("gemma.modeling_gemma", "GemmaRMSNorm")),
+    "GemmaRMSNorm": ("rms_norm", hf_norm("gemma.modeling_gemma", "GemmaRMSNorm")),
 }

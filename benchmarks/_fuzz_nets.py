@@ -65,17 +65,7 @@ from approxbp_fx.coefficients import table
 from approxbp_fx.measure import count_saved_bytes
 from approxbp_fx.reference import ApproxActivation
 
-from ._forms import ACT_FORMS, NORM_FORMS
-
-
-def _hf_act(name: str):
-    # Imported lazily: transformers costs ~2 s to import, and only these forms need it.
-    def make():
-        from transformers.activations import ACT2FN
-
-        return ACT2FN[name]
-
-    return make
+from ._forms import ACT_FORMS, NORM_FORMS, hf_act
 
 
 def _fixed(fn):
@@ -90,12 +80,12 @@ FORMS = {
     "F.gelu": ("gelu", _fixed(F.gelu)),
     "F.silu": ("silu", _fixed(F.silu)),
     "nn.GELU(tanh)": ("gelu_tanh", lambda: nn.GELU(approximate="tanh")),
-    "hf.gelu": ("gelu", _hf_act("gelu")),
-    "hf.gelu_new": ("gelu_tanh", _hf_act("gelu_new")),
-    "hf.gelu_fast": ("gelu_tanh", _hf_act("gelu_fast")),
-    "hf.gelu_pytorch_tanh": ("gelu_tanh", _hf_act("gelu_pytorch_tanh")),
-    "hf.quick_gelu": ("quick_gelu", _hf_act("quick_gelu")),
-    "hf.silu": ("silu", _hf_act("silu")),
+    "hf.gelu": ("gelu", hf_act("gelu")),
+    "hf.gelu_new": ("gelu_tanh", hf_act("gelu_new")),
+    "hf.gelu_fast": ("gelu_tanh", hf_act("gelu_fast")),
+    "hf.gelu_pytorch_tanh": ("gelu_tanh", hf_act("gelu_pytorch_tanh")),
+    "hf.quick_gelu": ("quick_gelu", hf_act("quick_gelu")),
+    "hf.silu": ("silu", hf_act("silu")),
 }
 
 DTYPES = ("float32", "bfloat16", "float64", "autocast")

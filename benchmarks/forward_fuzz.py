@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from ._failures import signature
+from ._failures import failure_text, group, minimise
 from ._forward_check import PeerFailed, check
 from ._forward_nets import DTYPES, ForwardSpec, forward_specs, spec_from_repr
 from ._render import markdown_table, produced_by
@@ -37,7 +37,7 @@ def attempt(spec: ForwardSpec) -> tuple[str, dict | str]:
     except PeerFailed as e:
         return "peer_fail", str(e)
     except Exception as e:  # a compile crash is as much a finding as a changed forward
-        return "fail", signature(e) + "\n" + str(e)[:2000]
+        return "fail", failure_text(e)
 
 
 # --------------------------------------------------------------------------- minimising
@@ -82,23 +82,6 @@ def _simpler(spec: ForwardSpec):
             yield _fit(dataclasses.replace(spec, **{field: plain}))
     for i in range(len(spec.specials)):
         yield dataclasses.replace(spec, specials=spec.specials[:i] + spec.specials[i + 1 :])
-
-
-def minimise(spec: ForwardSpec, sig: str, budget_s: float) -> tuple[ForwardSpec, int]:
-    """Greedy shrink: take any one-step-simpler spec that fails with the same signature, until none does."""
-    deadline, tries = time.monotonic() + budget_s, 0
-    improved = True
-    while improved and time.monotonic() < deadline:
-        improved = False
-        for cand in _simpler(spec):
-            if time.monotonic() >= deadline:
-                break
-            tries += 1
-            status, detail = attempt(cand)
-            if status == "fail" and detail.split("\n", 1)[0] == sig:
-                spec, improved = cand, True
-                break
-    return spec, tries
 
 
 # --------------------------------------------------------------------------- reading a spec
@@ -194,14 +177,9 @@ def _summary(rows: list[dict], start: float) -> dict:
 
 def _minimise_all(rows: list[dict], budget_s: float) -> list[dict]:
     """One entry per distinct failure, its first spec shrunk within ``budget_s`` each."""
-    failures: dict[str, dict] = {}
-    for r in rows:
-        if r["status"] == "fail":
-            sig = r["detail"].partition("\n")[0]
-            failures.setdefault(sig, {"signature": sig, "count": 0, "first": r["spec"], "detail": r["detail"]})
-            failures[sig]["count"] += 1
+    failures = group(rows)
     for f in failures.values():
-        small, tries = minimise(spec_from_repr(f["first"]), f["signature"], budget_s)
+        small, tries = minimise(spec_from_repr(f["first"]), f["signature"], _simpler, attempt, budget_s)
         f.update(minimal=repr(small), minimal_text=describe(small), minimise_tries=tries)
         status, detail = attempt(small) if tries else ("fail", f["detail"])
         f["detail"] = (detail if status == "fail" else f["detail"]).partition("\n")[2]

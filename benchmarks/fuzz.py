@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from ._failures import signature
+from ._failures import failure_text, group, minimise
 from ._fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs
 from ._render import markdown_table, produced_by
 from ._report import ROOT, provenance, write_section
@@ -35,7 +35,7 @@ def attempt(spec: NetSpec, tier: str) -> tuple[str, dict | str]:
     except Ambiguous as e:
         return "ambiguous", str(e)
     except Exception as e:  # a compile crash is as much a finding as a wrong gradient
-        return "fail", signature(e) + "\n" + str(e)[:2000]
+        return "fail", failure_text(e)
 
 
 def _simpler(spec: NetSpec):
@@ -55,23 +55,6 @@ def _simpler(spec: NetSpec):
                        dict(act=None) if b.kind == "dense" else {}]:
             if change and any(getattr(b, k) != v for k, v in change.items()):
                 yield dataclasses.replace(spec, blocks=blocks[:i] + (dataclasses.replace(b, **change),) + blocks[i + 1 :])
-
-
-def minimise(spec: NetSpec, sig: str, tier: str, budget_s: float) -> tuple[NetSpec, int]:
-    """Greedy shrink: take any one-step-simpler spec that fails with the same signature, until none does."""
-    deadline, tries = time.monotonic() + budget_s, 0
-    improved = True
-    while improved and time.monotonic() < deadline:
-        improved = False
-        for cand in _simpler(spec):
-            if time.monotonic() >= deadline:
-                break
-            tries += 1
-            status, detail = attempt(cand, tier)
-            if status == "fail" and detail.split("\n", 1)[0] == sig:
-                spec, improved = cand, True
-                break
-    return spec, tries
 
 
 def render(payload: dict) -> str:
@@ -151,15 +134,10 @@ def main(argv=None) -> int:
         print(f"[{len(rows)}/{args.examples}] {status} {rows[-1]['s']}s", flush=True)
 
     run()
-    failures: dict[str, dict] = {}
-    for r in rows:
-        if r["status"] == "fail":
-            sig, _, _ = r["detail"].partition("\n")
-            failures.setdefault(sig, {"signature": sig, "count": 0, "first": r["spec"], "detail": r["detail"]})
-            failures[sig]["count"] += 1
+    failures = group(rows)
     for f in failures.values():
         spec = eval(f["first"], {"NetSpec": NetSpec, "Block": Block})  # repr of plain dataclasses
-        small, tries = minimise(spec, f["signature"], args.tier, args.minimise_s)
+        small, tries = minimise(spec, f["signature"], _simpler, lambda s: attempt(s, args.tier), args.minimise_s)
         f["minimal"], f["minimise_tries"] = repr(small), tries
         status, detail = attempt(small, args.tier)
         f["detail"] = detail.partition("\n")[2] if status == "fail" else f["detail"]

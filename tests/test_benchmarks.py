@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import forward_fuzz, fuzz, kernels, norm_saved_bytes, saved_bytes, train_step
+from benchmarks._failures import failure_text, group, minimise
 from benchmarks._render import markdown_table
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -113,3 +114,21 @@ def test_committed_page_is_what_its_committed_json_renders_to(script):
     name = script.__name__.rpartition(".")[2]
     data = json.loads((DOCS / "results" / f"{name}.json").read_text())
     assert script.render(data["rows"], data["meta"], data["command"]) == (DOCS / f"{name}.md").read_text()
+
+
+def test_failures_group_by_signature_and_shrink_to_the_smallest_spec_failing_alike():
+    rows = [{"status": "ok", "spec": "1"}]
+    rows += [{"status": "fail", "spec": spec, "detail": failure_text(AssertionError(msg))}
+             for spec, msg in [("40", "too big: 40 elements"), ("9", "too big: 9 elements"), ("3", "odd (3)")]]
+    failures = group(rows)
+    # Numbers are blanked and the message is cut at the details, so 40 and 9 are one bug.
+    assert list(failures) == ["AssertionError: too big", "AssertionError: odd"]
+    assert failures["AssertionError: too big"] | {"detail": None} == {
+        "signature": "AssertionError: too big", "count": 2, "first": "40", "detail": None}
+
+    def attempt(n: int):
+        return ("fail", failure_text(AssertionError(f"too big: {n}"))) if n >= 5 else ("ok", {})
+
+    # The biggest steps come first; a candidate that passes (or fails otherwise) is skipped.
+    small, tries = minimise(40, "AssertionError: too big", lambda n: [n // 2, n - 1], attempt, budget_s=60)
+    assert small == 5 and tries == 5  # 40 -> 20 -> 10 -> 5, then 2 and 4 pass
