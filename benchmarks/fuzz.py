@@ -101,6 +101,22 @@ def render(payload: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _summary(rows: list[dict], start: float) -> dict:
+    ok = [r["summary"] for r in rows if r["status"] == "ok"]
+    return {
+        "examples": len(rows),
+        "ok": len(ok),
+        "ambiguous": sum(r["status"] == "ambiguous" for r in rows),
+        "fail": sum(r["status"] == "fail" for r in rows),
+        "wall_s": round(time.monotonic() - start, 1),
+        **{k: sum(s[k] for s in ok) for k in ("act_sites", "act_rewritten", "norm_sites", "norm_rewritten",
+                                              "saved_peer", "saved_approxbp")},
+        "max_grad_error": {dt: max((r["summary"]["max_grad_error"] for r in rows
+                                    if r["status"] == "ok" and f"dtype='{dt}'" in r["spec"]), default=None)
+                           for dt in ("float32", "float64", "bfloat16", "autocast")},
+    }
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--examples", type=int, default=40)
@@ -142,23 +158,10 @@ def main(argv=None) -> int:
         status, detail = attempt(small, args.tier)
         f["detail"] = detail.partition("\n")[2] if status == "fail" else f["detail"]
 
-    ok = [r["summary"] for r in rows if r["status"] == "ok"]
-    summary = {
-        "examples": len(rows),
-        "ok": len(ok),
-        "ambiguous": sum(r["status"] == "ambiguous" for r in rows),
-        "fail": sum(r["status"] == "fail" for r in rows),
-        "wall_s": round(time.monotonic() - start, 1),
-        **{k: sum(s[k] for s in ok) for k in ("act_sites", "act_rewritten", "norm_sites", "norm_rewritten",
-                                              "saved_peer", "saved_approxbp")},
-        "max_grad_error": {dt: max((r["summary"]["max_grad_error"] for r in rows
-                                    if r["status"] == "ok" and f"dtype='{dt}'" in r["spec"]), default=None)
-                           for dt in ("float32", "float64", "bfloat16", "autocast")},
-    }
     meta, command = provenance("fuzz", argv)
     meta.update(tier=args.tier, seed=args.seed, max_blocks=args.max_blocks)
-    payload = {"meta": meta, "command": command, "summary": summary, "failures": list(failures.values()),
-               "examples": rows}
+    payload = {"meta": meta, "command": command, "summary": _summary(rows, start),
+               "failures": list(failures.values()), "examples": rows}
     write_section(args.json, args.md, payload, "gradient fuzz", render(payload))
     return 0
 
