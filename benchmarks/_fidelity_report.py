@@ -10,6 +10,8 @@ import re
 import statistics
 from pathlib import Path
 
+from ._render import figure, markdown_table
+
 EXACT = "inductor"
 NOTES = re.compile(r"<!-- notes -->.*?<!-- /notes -->", re.S)
 MIB = 2**20
@@ -49,9 +51,7 @@ def _rewrites(arm: dict) -> str:
 
 
 def summary_table(tasks: dict) -> list[str]:
-    out = ["| task | metric | arm | inductor | approxbp | Δ means | seed spread | parity | saved bytes / inductor "
-           "| min layer grad cosine | sites rewritten |",
-           "|---|---|---|---:|---:|---:|---:|:-:|---:|---:|---|"]
+    rows = []
     for name, t in tasks.items():
         exact = t["arms"][EXACT]
         for arm in _approx_arms(t):
@@ -59,13 +59,21 @@ def summary_table(tasks: dict) -> list[str]:
             for metric in [t["metric"]] + [k for k in a["metrics"] if k != t["metric"]]:
                 p = a["parity"][metric]
                 cos, layer = _min_layer_cosine(a)
-                out.append(
-                    f"| {name} | {metric} | {arm} | {_ms(metric, exact['metrics'][metric])} | "
-                    f"{_ms(metric, a['metrics'][metric])} | {_diff(metric, p['diff'])} | {_fmt(metric, p['spread'])} | "
-                    f"{'yes' if p['holds'] else '**no**'} | {a['saved_bytes'] / exact['saved_bytes']:.3f} | "
-                    f"{cos:.4f} ({layer}) | {_rewrites(a)} |"
-                )
-    return out + [""]
+                rows.append([name, metric, arm, _ms(metric, exact["metrics"][metric]),
+                             _ms(metric, a["metrics"][metric]), _diff(metric, p["diff"]), _fmt(metric, p["spread"]),
+                             "yes" if p["holds"] else "**no**",
+                             f"{a['saved_bytes'] / exact['saved_bytes']:.3f}", f"{cos:.4f} ({layer})", _rewrites(a)])
+    header = ["task", "metric", "arm", "inductor", "approxbp", "Δ means", "seed spread", "parity",
+              "saved bytes / inductor", "min layer grad cosine", "sites rewritten"]
+    return markdown_table(header, "lllrrrrcrrl", rows) + [""]
+
+
+def _arm_row(arm: str, a: dict, exact: dict) -> list[str]:
+    """One arm's row of a task's table; the exact arm leaves the deviation columns empty."""
+    final = statistics.fmean(v[-1] for v in a["losses"].values())
+    dev = ["", ""] if arm == EXACT else [f"{100 * _rel_dev(a, exact, EARLY):.2f}%", f"{100 * _rel_dev(a, exact):.2f}%"]
+    metrics = [_ms(k, m) for k, m in a["metrics"].items()]
+    return [arm, *metrics, f"{final:.4f}", f"{a['saved_bytes'] / MIB:.2f} MiB", *dev]
 
 
 def task_section(name: str, t: dict, png: str | None) -> list[str]:
@@ -78,16 +86,12 @@ def task_section(name: str, t: dict, png: str | None) -> list[str]:
         f"{t['rewritable']}. Produced by `{t['command']}` on {t['meta']['date']} ({t['meta']['machine']}, "
         f"torch {t['meta']['torch']}); the task took {t['seconds'] / 60:.1f} min.",
         "",
-        "| arm | " + " | ".join(exact["metrics"]) + " | final train loss (mean) | saved bytes, step 1 | "
-        f"loss deviation from inductor, steps 1-{EARLY} | all steps |",
-        "|---|" + "---:|" * (len(exact["metrics"]) + 4),
+        *markdown_table(["arm", *exact["metrics"], "final train loss (mean)", "saved bytes, step 1",
+                         f"loss deviation from inductor, steps 1-{EARLY}", "all steps"],
+                        "l" + "r" * (len(exact["metrics"]) + 4),
+                        [_arm_row(arm, a, exact) for arm, a in t["arms"].items()]),
+        "",
     ]
-    for arm, a in t["arms"].items():
-        final = statistics.fmean(v[-1] for v in a["losses"].values())
-        dev = "" if arm == EXACT else f"{100 * _rel_dev(a, exact, EARLY):.2f}% | {100 * _rel_dev(a, exact):.2f}%"
-        out.append(f"| {arm} | " + " | ".join(_ms(k, m) for k, m in a["metrics"].items())
-                   + f" | {final:.4f} | {a['saved_bytes'] / MIB:.2f} MiB | {dev or ' | '} |")
-    out.append("")
     for arm in _approx_arms(t):
         a = t["arms"][arm]
         layers = list(next(iter(a["cosine"].values()))["per_layer"])
@@ -105,14 +109,10 @@ def task_section(name: str, t: dict, png: str | None) -> list[str]:
 
 def chart(name: str, t: dict, png: Path) -> bool:
     """Per-step loss (mean over seeds, min-max band) per arm, and each approx arm's deviation."""
-    try:
-        import matplotlib
+    return figure(png, lambda fig, axes: _draw_losses(name, t, *axes), dpi=100, nrows=1, ncols=2, figsize=(11, 3.8))
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, (ax, dx) = plt.subplots(1, 2, figsize=(11, 3.8))
+
+def _draw_losses(name: str, t: dict, ax, dx) -> None:
     exact = t["arms"][EXACT]["losses"]
     for arm, a in t["arms"].items():
         curves = list(a["losses"].values())
@@ -130,11 +130,6 @@ def chart(name: str, t: dict, png: Path) -> bool:
     dx.set(xlabel="step", ylabel="loss − inductor loss", title="same seed, same batch")
     ax.legend(fontsize=8)
     dx.legend(fontsize=7)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return True
 
 
 def render(record: dict, docs: Path) -> str:

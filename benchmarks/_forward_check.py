@@ -1,10 +1,9 @@
 """The forward-equivalence check: approxbp's forward is inductor's, bit for bit.
 
-Shared by tests/test_forward_fuzz.py (as ``benchmarks._forward_check``) and
-benchmarks/forward_fuzz.py (as ``_forward_check``). It takes any spec with the
-interface of :class:`_forward_nets.ForwardSpec` (``build()``, ``config()``,
-``seed``, ``autocast``, ``has_dropout``) and imports neither that module nor tests/,
-so both ways of importing it work.
+Shared by tests/test_forward_fuzz.py and benchmarks/forward_fuzz.py. It takes
+any spec with the interface of :class:`_forward_nets.ForwardSpec` (``build()``,
+``config()``, ``seed``, ``autocast``, ``has_dropout``) and imports neither that
+module nor tests/.
 
 The property: ``torch.compile(model, backend=approxbp)`` must return what
 ``backend="inductor"`` returns: same dtype and shape, NaN at the same positions

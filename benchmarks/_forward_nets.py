@@ -1,8 +1,7 @@
 """Random pointwise chains around activations and norms: the forward fuzzer's models.
 
-Shared by tests/test_forward_fuzz.py (as ``benchmarks._forward_nets``: pytest puts
-the repository root on ``sys.path``) and benchmarks/forward_fuzz.py (as
-``_forward_nets``), so it imports nothing from tests/. docs/fuzz.md explains the check.
+Shared by tests/test_forward_fuzz.py and benchmarks/forward_fuzz.py, so it
+imports nothing from tests/. docs/fuzz.md explains the check.
 
 The property, checked by benchmarks/_forward_check.py: ``torch.compile(model,
 backend=approxbp)``'s forward is **bit for bit** ``backend="inductor"``'s, and both compile.
@@ -29,15 +28,7 @@ from torch import nn
 
 from approxbp_fx import ApproxBPConfig
 
-
-def _hf_act(name: str):
-    # Imported lazily: transformers costs ~2 s to import, and only these forms need it.
-    def make():
-        from transformers.activations import ACT2FN
-
-        return ACT2FN[name]
-
-    return make
+from ._forms import FunctionalRMSNorm, hf_act, hf_norm
 
 
 def _gpt2_gelu(x):
@@ -52,40 +43,25 @@ ACTS = {
     "nn.GELU(tanh)": lambda: nn.GELU(approximate="tanh"),
     "F.gelu(tanh)": lambda: lambda x: F.gelu(x, approximate="tanh"),
     "gpt2": lambda: _gpt2_gelu,
-    "hf.gelu": _hf_act("gelu"),
-    "hf.gelu_new": _hf_act("gelu_new"),
-    "hf.gelu_fast": _hf_act("gelu_fast"),  # FastGELUActivation: 0.7978845608 for sqrt(2/pi)
-    "hf.gelu_10": _hf_act("gelu_10"),  # ClippedGELUActivation: clip(gelu(x), -10, 10)
-    "hf.quick_gelu": _hf_act("quick_gelu"),
+    "hf.gelu": hf_act("gelu"),
+    "hf.gelu_new": hf_act("gelu_new"),
+    "hf.gelu_fast": hf_act("gelu_fast"),  # FastGELUActivation: 0.7978845608 for sqrt(2/pi)
+    "hf.gelu_10": hf_act("gelu_10"),  # ClippedGELUActivation: clip(gelu(x), -10, 10)
+    "hf.quick_gelu": hf_act("quick_gelu"),
     "QuickGELU": lambda: lambda x: x * torch.sigmoid(1.702 * x),
     "nn.SiLU": nn.SiLU,
     "F.silu": lambda: F.silu,
-    "hf.silu": _hf_act("silu"),
+    "hf.silu": hf_act("silu"),
     "x*sigmoid(x)": lambda: lambda x: x * torch.sigmoid(x),
 }
-
-
-class _FunctionalRMSNorm(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x):
-        return F.rms_norm(x, self.weight.shape, self.weight, 1e-6)
-
-
-def _llama_rms_norm(d):
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    return LlamaRMSNorm(d)
 
 
 # Every spelling of a norm: name -> factory(width).
 NORMS = {
     "nn.LayerNorm": nn.LayerNorm,
     "nn.RMSNorm": nn.RMSNorm,
-    "F.rms_norm": _FunctionalRMSNorm,
-    "LlamaRMSNorm": _llama_rms_norm,
+    "F.rms_norm": FunctionalRMSNorm,
+    "LlamaRMSNorm": hf_norm("llama.modeling_llama", "LlamaRMSNorm"),
 }
 
 # Unary wrappers of ``t`` (``s`` is the chain's input): name -> fn(t, s, *args).

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ._render import figure, markdown_table
+
 BACKENDS = ("eager", "inductor", "inductor_recompute", "inductor_budget0.5", "reference_eager", "approxbp",
             "approxbp_kernels", "approxbp_recompute")
 COMPILED_NO_MATMUL_RECOMPUTE = ("inductor", "inductor_recompute")
@@ -35,16 +37,15 @@ def _fmt_ratio(cell: dict | None, base: dict | None, field: str) -> str:
 
 
 def _table(title: str, note: str, keys, rows, backends, field: str, absolute) -> list[str]:
-    out = [f"### {title}", "", note, "", "| model | scenario | precision | inductor | "
-           + " | ".join(f"{b} / inductor" for b in backends if b != "inductor") + " |",
-           "|---|---|---|---:|" + "---:|" * (len(backends) - 1)]
+    others = [b for b in backends if b != "inductor"]
+    lines = []
     for k in keys:
         r = rows[k]
         ind = r.get("inductor")
         base = absolute(ind) if ind and "error" not in ind and field in ind else ""
-        cols = [_fmt_ratio(r.get(b), ind, field) for b in backends if b != "inductor"]
-        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {base} | " + " | ".join(cols) + " |")
-    return out + [""]
+        lines.append([*k, base, *(_fmt_ratio(r.get(b), ind, field) for b in others)])
+    header = ["model", "scenario", "precision", "inductor", *(f"{b} / inductor" for b in others)]
+    return [f"### {title}", "", note, "", *markdown_table(header, "lllr" + "r" * len(others), lines), ""]
 
 
 def _targets(keys, rows) -> list[str]:
@@ -136,22 +137,23 @@ def render_run(tag: str, data: dict, chart: str | None) -> list[str]:
 
 def chart(tag: str, data: dict, png: Path) -> bool:
     """Bars of each backend relative to inductor, per cell; False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
     keys, rows = _grid(data["cells"])
     backends = [b for b in _present(rows) if b != "inductor"]
     fields = [("saved_bytes", "saved bytes / inductor")]
     if any("peak_bytes" in c for c in data["cells"].values()):
         fields.append(("peak_bytes", "peak memory / inductor"))
-    fig, axes = plt.subplots(1, len(fields), figsize=(7 * len(fields), 0.32 * len(keys) * len(backends) / 2 + 2),
-                             squeeze=False)
+
+    def draw(fig, axes) -> None:
+        _draw_bars(axes[0], fields, keys, rows, backends)
+        fig.suptitle(f"run {tag}: {data['meta']['machine']}")
+
+    return figure(png, draw, dpi=110, nrows=1, ncols=len(fields), squeeze=False,
+                  figsize=(7 * len(fields), 0.32 * len(keys) * len(backends) / 2 + 2))
+
+
+def _draw_bars(axes, fields, keys, rows, backends) -> None:
     width = 0.8 / max(len(backends), 1)
-    for ax, (field, label) in zip(axes[0], fields):
+    for ax, (field, label) in zip(axes, fields):
         for i, b in enumerate(backends):
             vals = []
             for k in keys:
@@ -163,13 +165,7 @@ def chart(tag: str, data: dict, png: Path) -> bool:
         ax.set_yticks([j + 0.4 - width / 2 for j in range(len(keys))], ["/".join(k) for k in keys], fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel(label)
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"run {tag}: {data['meta']['machine']}")
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return True
+    axes[0].legend(fontsize=7, loc="lower right")
 
 
 def render_all(results: Path, docs: Path) -> str:

@@ -19,7 +19,7 @@ def provenance(script: str, argv: list[str] | None, device: str = "cpu") -> tupl
     On a CUDA ``device`` the machine is the GPU's name, and the CUDA version is recorded.
     """
     args = argv if argv is not None else sys.argv[1:]
-    command = f"python benchmarks/{script}" + (" " + " ".join(args) if args else "")
+    command = f"python -m benchmarks.{script}" + (" " + " ".join(args) if args else "")
     try:
         import triton
 

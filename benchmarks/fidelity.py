@@ -1,8 +1,8 @@
 """Fine-tuning parity on real pretrained models and real data: exact (inductor) against approxbp.
 
-    python benchmarks/fidelity.py                                  # every task, 3 seeds, CPU-sized
-    python benchmarks/fidelity.py --tasks vit-mnist --bits 2 3     # a higher-bit arm as well
-    python benchmarks/fidelity.py --tasks minilm-bbc-full --device cuda --steps 300 --batch 32
+    python -m benchmarks.fidelity                                  # every task, 3 seeds, CPU-sized
+    python -m benchmarks.fidelity --tasks vit-mnist --bits 2 3     # a higher-bit arm as well
+    python -m benchmarks.fidelity --tasks minilm-bbc-full --device cuda --steps 300 --batch 32
 
 For each task (``_fidelity_tasks.TASKS``) and each backend, the model is
 compiled once; every seed then copies its initial trainable weights back in,
@@ -37,13 +37,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fidelity_tasks import TASKS, Task  # noqa: E402
-from _report import ROOT, provenance  # noqa: E402
+import approxbp_fx
+from approxbp_fx import ApproxBPConfig
+from approxbp_fx.measure import count_saved_bytes
 
-import approxbp_fx  # noqa: E402
-from approxbp_fx import ApproxBPConfig  # noqa: E402
-from approxbp_fx.measure import count_saved_bytes  # noqa: E402
+from ._fidelity_tasks import TASKS, Task
+from ._report import ROOT, provenance
 
 EXACT = "inductor"
 
@@ -236,7 +235,7 @@ def main(argv=None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta, command = provenance("fidelity.py", argv, args.device)
+    meta, command = provenance("fidelity", argv, args.device)
     meta.update(threads=torch.get_num_threads(), amp=args.amp)
     path = args.out_dir / "results" / "fidelity.json"
     record = json.loads(path.read_text()) if path.exists() else {"tasks": {}}
@@ -250,7 +249,7 @@ def main(argv=None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=1) + "\n")
     if not args.no_render:
-        from _fidelity_report import render
+        from ._fidelity_report import render
 
         render(record, args.out_dir)
     return 0

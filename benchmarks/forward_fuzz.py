@@ -1,6 +1,6 @@
 """The long forward-equivalence fuzz run: approxbp's forward against inductor's, bit for bit.
 
-    python benchmarks/forward_fuzz.py --minutes 20 --seed 0   # docs/results/forward_fuzz.json + docs/fuzz.md
+    python -m benchmarks.forward_fuzz --minutes 20 --seed 0   # docs/results/forward_fuzz.json + docs/fuzz.md
 
 Every example is a random :class:`_forward_nets.ForwardSpec` (a pointwise chain
 around GELU/SiLU/QuickGELU spellings and norms, with clamps, casts, dropout,
@@ -21,15 +21,13 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-# This checkout's approxbp_fx, not whichever one an editable install points at
-# (sys.path entries win over the editable finder); the script's folder is already there.
-sys.path.insert(0, str(ROOT))
-from _failures import signature  # noqa: E402
-from _forward_check import PeerFailed, check  # noqa: E402
-from _forward_nets import DTYPES, ForwardSpec, forward_specs, spec_from_repr  # noqa: E402
-from _report import provenance, write_section  # noqa: E402
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, seed, settings
+
+from ._failures import failure_text, group, minimise
+from ._forward_check import PeerFailed, check
+from ._forward_nets import DTYPES, ForwardSpec, forward_specs, spec_from_repr
+from ._render import markdown_table, produced_by
+from ._report import ROOT, provenance, write_section
 
 
 def attempt(spec: ForwardSpec) -> tuple[str, dict | str]:
@@ -39,7 +37,7 @@ def attempt(spec: ForwardSpec) -> tuple[str, dict | str]:
     except PeerFailed as e:
         return "peer_fail", str(e)
     except Exception as e:  # a compile crash is as much a finding as a changed forward
-        return "fail", signature(e) + "\n" + str(e)[:2000]
+        return "fail", failure_text(e)
 
 
 # --------------------------------------------------------------------------- minimising
@@ -86,23 +84,6 @@ def _simpler(spec: ForwardSpec):
         yield dataclasses.replace(spec, specials=spec.specials[:i] + spec.specials[i + 1 :])
 
 
-def minimise(spec: ForwardSpec, sig: str, budget_s: float) -> tuple[ForwardSpec, int]:
-    """Greedy shrink: take any one-step-simpler spec that fails with the same signature, until none does."""
-    deadline, tries = time.monotonic() + budget_s, 0
-    improved = True
-    while improved and time.monotonic() < deadline:
-        improved = False
-        for cand in _simpler(spec):
-            if time.monotonic() >= deadline:
-                break
-            tries += 1
-            status, detail = attempt(cand)
-            if status == "fail" and detail.split("\n", 1)[0] == sig:
-                spec, improved = cand, True
-                break
-    return spec, tries
-
-
 # --------------------------------------------------------------------------- reading a spec
 
 _TEXT = {
@@ -147,8 +128,8 @@ def render(payload: dict) -> str:
     out = [
         "## Forward equivalence: approxbp against inductor, bit for bit",
         "",
-        f"Produced by `{payload['command']}` with torch {meta['torch']} on {meta['machine']} ({meta['date']}), "
-        f"in {s['wall_s'] / 60:.1f} min ({s['fuzz_s'] / 60:.1f} min drawing examples, the rest shrinking failures). "
+        f"{produced_by(payload['command'], meta)}, in {s['wall_s'] / 60:.1f} min "
+        f"({s['fuzz_s'] / 60:.1f} min drawing examples, the rest shrinking failures). "
         "Raw results: `docs/results/forward_fuzz.json`.",
         "",
         "Each example is `fc2(chain(fc1(x)))`, optionally plus or times a second chain of `fc1(x)`, with `fc1`",
@@ -161,15 +142,13 @@ def render(payload: dict) -> str:
         "forward and backward, and approxbp's output equals inductor's bit for bit (NaN where inductor has NaN,",
         "`torch.equal` elsewhere). Examples inductor cannot run either are skipped.",
         "",
-        "| examples | passed | skipped (inductor failed too) | failed | distinct failures "
-        "| examples with a rewritten site |",
-        "|---:|---:|---:|---:|---:|---:|",
-        f"| {s['examples']} | {s['ok']} | {s['peer_fail']} | {s['fail']} | {len(payload['failures'])} "
-        f"| {s['rewritten_examples']} |",
+        *markdown_table(["examples", "passed", "skipped (inductor failed too)", "failed", "distinct failures",
+                         "examples with a rewritten site"], "rrrrrr",
+                        [[s["examples"], s["ok"], s["peer_fail"], s["fail"], len(payload["failures"]),
+                          s["rewritten_examples"]]]),
         "",
-        "| dtype | examples | failed |",
-        "|---|---:|---:|",
-        *(f"| {dt} | {n} | {s['fail_by_dtype'][dt]} |" for dt, n in s["by_dtype"].items()),
+        *markdown_table(["dtype", "examples", "failed"], "lrr",
+                        [[dt, n, s["fail_by_dtype"][dt]] for dt, n in s["by_dtype"].items()]),
         "",
     ]
     if not payload["failures"]:
@@ -198,14 +177,9 @@ def _summary(rows: list[dict], start: float) -> dict:
 
 def _minimise_all(rows: list[dict], budget_s: float) -> list[dict]:
     """One entry per distinct failure, its first spec shrunk within ``budget_s`` each."""
-    failures: dict[str, dict] = {}
-    for r in rows:
-        if r["status"] == "fail":
-            sig = r["detail"].partition("\n")[0]
-            failures.setdefault(sig, {"signature": sig, "count": 0, "first": r["spec"], "detail": r["detail"]})
-            failures[sig]["count"] += 1
+    failures = group(rows)
     for f in failures.values():
-        small, tries = minimise(spec_from_repr(f["first"]), f["signature"], budget_s)
+        small, tries = minimise(spec_from_repr(f["first"]), f["signature"], _simpler, attempt, budget_s)
         f.update(minimal=repr(small), minimal_text=describe(small), minimise_tries=tries)
         status, detail = attempt(small) if tries else ("fail", f["detail"])
         f["detail"] = (detail if status == "fail" else f["detail"]).partition("\n")[2]
@@ -258,7 +232,7 @@ def main(argv=None) -> int:
     summary = _summary(rows, start)
     failures = _minimise_all(rows, args.minimise_s)
     summary["wall_s"] = round(time.monotonic() - start, 1)
-    meta, command = provenance("forward_fuzz.py", argv)
+    meta, command = provenance("forward_fuzz", argv)
     meta.update(seed=args.seed, minutes=args.minutes)
     payload = {"meta": meta, "command": command, "summary": summary, "failures": failures, "examples": rows}
     write_section(args.json, args.md, payload, "forward fuzz", render(payload))

@@ -1,11 +1,11 @@
-"""The long fuzz run: many random networks through tests/fuzz_nets.py's check.
+"""The long fuzz run: many random networks through benchmarks/_fuzz_nets.py's check.
 
-    python benchmarks/fuzz.py --examples 40 --seed 0    # writes docs/results/fuzz.json + docs/fuzz.md
+    python -m benchmarks.fuzz --examples 40 --seed 0    # writes docs/results/fuzz.json + docs/fuzz.md
 
-Every example is a random :class:`tests.fuzz_nets.NetSpec`, drawn by hypothesis
+Every example is a random :class:`_fuzz_nets.NetSpec`, drawn by hypothesis
 from ``--seed`` (the same seed draws the same networks), compiled with
 ``backend=approxbp`` and its peer, and checked against the eager reference
-(forward, gradients, saved bytes, the report: see tests/fuzz_nets.py). Unlike
+(forward, gradients, saved bytes, the report: see benchmarks/_fuzz_nets.py). Unlike
 the CI test, a failure does not stop the run: every example is tried, each
 distinct failure (exception type and message head) is then shrunk greedily to
 a minimal NetSpec, and everything lands in the JSON and a short docs page.
@@ -20,15 +20,12 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _failures import signature  # noqa: E402
-from _report import provenance, write_section  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, seed, settings
 
-from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
-
-from tests.fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs  # noqa: E402
+from ._failures import failure_text, group, minimise
+from ._fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs
+from ._render import markdown_table, produced_by
+from ._report import ROOT, provenance, write_section
 
 
 def attempt(spec: NetSpec, tier: str) -> tuple[str, dict | str]:
@@ -38,7 +35,7 @@ def attempt(spec: NetSpec, tier: str) -> tuple[str, dict | str]:
     except Ambiguous as e:
         return "ambiguous", str(e)
     except Exception as e:  # a compile crash is as much a finding as a wrong gradient
-        return "fail", signature(e) + "\n" + str(e)[:2000]
+        return "fail", failure_text(e)
 
 
 def _simpler(spec: NetSpec):
@@ -60,41 +57,24 @@ def _simpler(spec: NetSpec):
                 yield dataclasses.replace(spec, blocks=blocks[:i] + (dataclasses.replace(b, **change),) + blocks[i + 1 :])
 
 
-def minimise(spec: NetSpec, sig: str, tier: str, budget_s: float) -> tuple[NetSpec, int]:
-    """Greedy shrink: take any one-step-simpler spec that fails with the same signature, until none does."""
-    deadline, tries = time.monotonic() + budget_s, 0
-    improved = True
-    while improved and time.monotonic() < deadline:
-        improved = False
-        for cand in _simpler(spec):
-            if time.monotonic() >= deadline:
-                break
-            tries += 1
-            status, detail = attempt(cand, tier)
-            if status == "fail" and detail.split("\n", 1)[0] == sig:
-                spec, improved = cand, True
-                break
-    return spec, tries
-
-
 def render(payload: dict) -> str:
     meta, s = payload["meta"], payload["summary"]
     out = [
         "# Fuzzing approxbp against inductor and the eager reference",
         "",
-        f"Produced by `{payload['command']}` with torch {meta['torch']} on {meta['machine']} ({meta['date']}), "
-        f"in {s['wall_s'] / 60:.1f} min. Raw results: `docs/results/fuzz.json`.",
+        f"{produced_by(payload['command'], meta)}, in {s['wall_s'] / 60:.1f} min. "
+        "Raw results: `docs/results/fuzz.json`.",
         "",
         "Each example is a random network of Linear, GELU/SiLU (every spelling: nn, F, hand-written, Hugging Face),",
         "LayerNorm/RMSNorm (nn, F, Hugging Face), dropout and gating blocks, chained or residual, in fp32, bf16,",
         "fp64 or under bf16 autocast, with random frozen Linears, code bits and partitioner settings",
-        "(`tests/fuzz_nets.py`). Each is checked for: forward equal to the peer's; gradients equal to an eager",
+        "(`benchmarks/_fuzz_nets.py`). Each is checked for: forward equal to the peer's; gradients equal to an eager",
         "reference in which exactly the activations the backend reported approximated use the step derivative;",
         "saved bytes at most the peer's; every activation reported once, as what it is.",
         "",
-        f"| tier | examples | passed | ambiguous (code flips at a threshold) | failed | distinct failures |",
-        "|---|---:|---:|---:|---:|---:|",
-        f"| {meta['tier']} | {s['examples']} | {s['ok']} | {s['ambiguous']} | {s['fail']} | {len(payload['failures'])} |",
+        *markdown_table(["tier", "examples", "passed", "ambiguous (code flips at a threshold)", "failed",
+                         "distinct failures"], "lrrrrr",
+                        [[meta["tier"], s["examples"], s["ok"], s["ambiguous"], s["fail"], len(payload["failures"])]]),
         "",
         f"Across the passing examples: {s['act_sites']} activation sites ({s['act_rewritten']} approximated), "
         f"{s['norm_sites']} norm sites ({s['norm_rewritten']} rewritten); saved bytes {s['saved_approxbp']:,} "
@@ -119,6 +99,22 @@ def render(payload: dict) -> str:
             "",
         ]
     return "\n".join(out) + "\n"
+
+
+def _summary(rows: list[dict], start: float) -> dict:
+    ok = [r["summary"] for r in rows if r["status"] == "ok"]
+    return {
+        "examples": len(rows),
+        "ok": len(ok),
+        "ambiguous": sum(r["status"] == "ambiguous" for r in rows),
+        "fail": sum(r["status"] == "fail" for r in rows),
+        "wall_s": round(time.monotonic() - start, 1),
+        **{k: sum(s[k] for s in ok) for k in ("act_sites", "act_rewritten", "norm_sites", "norm_rewritten",
+                                              "saved_peer", "saved_approxbp")},
+        "max_grad_error": {dt: max((r["summary"]["max_grad_error"] for r in rows
+                                    if r["status"] == "ok" and f"dtype='{dt}'" in r["spec"]), default=None)
+                           for dt in ("float32", "float64", "bfloat16", "autocast")},
+    }
 
 
 def main(argv=None) -> int:
@@ -154,36 +150,18 @@ def main(argv=None) -> int:
         print(f"[{len(rows)}/{args.examples}] {status} {rows[-1]['s']}s", flush=True)
 
     run()
-    failures: dict[str, dict] = {}
-    for r in rows:
-        if r["status"] == "fail":
-            sig, _, _ = r["detail"].partition("\n")
-            failures.setdefault(sig, {"signature": sig, "count": 0, "first": r["spec"], "detail": r["detail"]})
-            failures[sig]["count"] += 1
+    failures = group(rows)
     for f in failures.values():
         spec = eval(f["first"], {"NetSpec": NetSpec, "Block": Block})  # repr of plain dataclasses
-        small, tries = minimise(spec, f["signature"], args.tier, args.minimise_s)
+        small, tries = minimise(spec, f["signature"], _simpler, lambda s: attempt(s, args.tier), args.minimise_s)
         f["minimal"], f["minimise_tries"] = repr(small), tries
         status, detail = attempt(small, args.tier)
         f["detail"] = detail.partition("\n")[2] if status == "fail" else f["detail"]
 
-    ok = [r["summary"] for r in rows if r["status"] == "ok"]
-    summary = {
-        "examples": len(rows),
-        "ok": len(ok),
-        "ambiguous": sum(r["status"] == "ambiguous" for r in rows),
-        "fail": sum(r["status"] == "fail" for r in rows),
-        "wall_s": round(time.monotonic() - start, 1),
-        **{k: sum(s[k] for s in ok) for k in ("act_sites", "act_rewritten", "norm_sites", "norm_rewritten",
-                                              "saved_peer", "saved_approxbp")},
-        "max_grad_error": {dt: max((r["summary"]["max_grad_error"] for r in rows
-                                    if r["status"] == "ok" and f"dtype='{dt}'" in r["spec"]), default=None)
-                           for dt in ("float32", "float64", "bfloat16", "autocast")},
-    }
-    meta, command = provenance("fuzz.py", argv)
+    meta, command = provenance("fuzz", argv)
     meta.update(tier=args.tier, seed=args.seed, max_blocks=args.max_blocks)
-    payload = {"meta": meta, "command": command, "summary": summary, "failures": list(failures.values()),
-               "examples": rows}
+    payload = {"meta": meta, "command": command, "summary": _summary(rows, start),
+               "failures": list(failures.values()), "examples": rows}
     write_section(args.json, args.md, payload, "gradient fuzz", render(payload))
     return 0
 

@@ -1,8 +1,8 @@
 """Kernel microbenchmarks: GB/s of each kernel against inductor's code for the same job
 and against the device's measured copy bandwidth.
 
-    python benchmarks/kernels.py --tag h100                     # CUDA: writes docs/results/kernels_h100.json, docs/kernels.md
-    python benchmarks/kernels.py --tag smoke --device cpu --sizes 65536 --out-dir /tmp/k   # does the script run?
+    python -m benchmarks.kernels --tag h100                     # CUDA: writes docs/results/kernels_h100.json, docs/kernels.md
+    python -m benchmarks.kernels --tag smoke --device cpu --sizes 65536 --out-dir /tmp/k   # does the script run?
 
 Rows, each at several sizes (elements of a bf16 tensor, rows of 4096 for norms):
 
@@ -32,11 +32,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, provenance  # noqa: E402
+from approxbp_fx import table  # (importing approxbp_fx registers the approxbp:: ops)
+from approxbp_fx.kernels.act_codes import act_pack_torch, code_grad_torch
 
-from approxbp_fx import table  # noqa: E402  (importing approxbp_fx registers the approxbp:: ops)
-from approxbp_fx.kernels.act_codes import act_pack_torch, code_grad_torch  # noqa: E402
+from ._render import markdown_table
+from ._report import ROOT, provenance
 
 BF16 = torch.bfloat16
 HIDDEN = 4096  # norm rows
@@ -154,14 +154,15 @@ def render(data: dict) -> str:
         f"triton {meta.get('triton')}). Raw figures: `docs/results/kernels_{meta['tag']}.json`. "
         f"Measured copy bandwidth: {meta['copy_GBps']:.0f} GB/s (read + write).",
         "",
-        "| kernel | implementation | elements | µs | GB/s | % copy |",
-        "|---|---|---:|---:|---:|---:|",
+        *markdown_table(["kernel", "implementation", "elements", "µs", "GB/s", "% copy"], "llrrrr",
+                        [[r["kernel"], r["impl"], f"{r['numel']:,}", f"{1e6 * r['s']:.1f}", f"{_gbps(r):.0f}",
+                          f"{100 * _gbps(r) / meta['copy_GBps']:.0f}%"] for r in data["rows"]]),
     ]
-    for r in data["rows"]:
-        gbps = r["bytes"] / r["s"] / 1e9
-        out.append(f"| {r['kernel']} | {r['impl']} | {r['numel']:,} | {1e6 * r['s']:.1f} | {gbps:.0f} | "
-                   f"{100 * gbps / meta['copy_GBps']:.0f}% |")
     return "\n".join(out) + "\n"
+
+
+def _gbps(row: dict) -> float:
+    return row["bytes"] / row["s"] / 1e9
 
 
 def main(argv=None) -> int:
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but no CUDA device")
-    meta, command = provenance("kernels.py", argv, args.device)
+    meta, command = provenance("kernels", argv, args.device)
     meta["tag"] = args.tag
     meta["copy_GBps"] = copy_bandwidth(device, max(args.sizes) * 2, args.iters)
     rows = []

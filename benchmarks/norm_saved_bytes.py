@@ -1,6 +1,6 @@
 """MS-BP: saved activation bytes and gradient fidelity for norm blocks and whole models.
 
-    python benchmarks/norm_saved_bytes.py     # writes docs/results/norm_saved_bytes.json + docs/norm_saved_bytes.md
+    python -m benchmarks.norm_saved_bytes     # writes docs/results/norm_saved_bytes.json + docs/norm_saved_bytes.md
 
 Rows: LayerNorm / RMSNorm / Hugging Face LlamaRMSNorm -> trainable Linear, and
 2-layer GPT-2 and LLaMA models (real Hugging Face code, random init), with
@@ -17,7 +17,6 @@ Device-independent: runs on CPU. Needs transformers and peft (the ``hf`` extra).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -26,8 +25,8 @@ from torch import nn
 import approxbp_fx
 from approxbp_fx import ApproxBPConfig, saved_activation_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, provenance, write  # noqa: E402
+from ._render import markdown_table, produced_by
+from ._report import ROOT, provenance, write
 
 
 class NormLinear(nn.Module):
@@ -185,28 +184,45 @@ def measure(kind: str, scenario: str, precision: str, d: int, tokens: tuple[int,
     return row
 
 
+# The page's three tables: columns, then one row function each.
+_BYTES_COLUMNS = ["block", "scenario", "precision", "eager B", "inductor B", "approxbp B", "approxbp / inductor",
+                  "MS-BP only / inductor", "MS-BP grad cosine", "MS-BP grad rel. err"]
+_SHARE_DTYPE_COLUMNS = ["block", "scenario", '"consumer": B / inductor', "cosine", "rel. err",
+                        '"input": B / inductor', "cosine", "rel. err"]
+_TIME_COLUMNS = ["block", "scenario", "precision", "inductor ms", "MS-BP only ms", "ratio"]
+
+
+def _bytes_row(r: dict) -> list[str]:
+    return [r["block"], r["scenario"], r["precision"], f"{r['eager']:,}", f"{r['inductor']:,}", f"{r['approxbp']:,}",
+            f"{r['approxbp_over_inductor']:.3f}", f"{r['ms_only_over_inductor']:.3f}",
+            f"{r['ms_only_grad_cosine']:.6f}", f"{r['ms_only_grad_rel_err']:.1e}"]
+
+
+def _share_dtype_row(r: dict) -> list[str]:
+    return [r["block"], r["scenario"],
+            f"{r['ms_only_over_inductor']:.3f}", f"{r['ms_only_grad_cosine']:.6f}", f"{r['ms_only_grad_rel_err']:.1e}",
+            f"{r['input_dtype_over_inductor']:.3f}", f"{r['input_dtype_grad_cosine']:.6f}",
+            f"{r['input_dtype_grad_rel_err']:.1e}"]
+
+
+def _time_row(r: dict) -> list[str]:
+    return [r["block"], r["scenario"], r["precision"], f"{1e3 * r['step_s_inductor']:.1f}",
+            f"{1e3 * r['step_s_ms_only']:.1f}", f"{r['ms_only_step_time_ratio']:.3f}"]
+
+
 def render(rows: list[dict], meta: dict, command: str) -> str:
     out = [
         "# MS-BP: saved activation bytes of norm blocks and whole models",
         "",
-        f"Produced by `{command}` with torch {meta['torch']} on {meta['machine']} ({meta['date']}); "
-        f"d = {meta['d']}, `{meta['tokens'][0]}x{meta['tokens'][1]}` tokens. Raw figures: "
-        "`docs/results/norm_saved_bytes.json`. Bytes exclude parameters (see `approxbp_fx.measure`).",
+        f"{produced_by(command, meta)}; d = {meta['d']}, `{meta['tokens'][0]}x{meta['tokens'][1]}` tokens. "
+        "Raw figures: `docs/results/norm_saved_bytes.json`. Bytes exclude parameters (see `approxbp_fx.measure`).",
         "",
         "*approxbp* runs both rules (Approx-BP for GELU/SiLU, MS-BP for norms); *MS-BP only* sets "
         "`save_act_codes=False`. Gradient cosine and relative error compare MS-BP only with inductor "
         "at the same precision, over every parameter gradient (and the input's, for the norm blocks).",
         "",
-        "| block | scenario | precision | eager B | inductor B | approxbp B | approxbp / inductor "
-        "| MS-BP only / inductor | MS-BP grad cosine | MS-BP grad rel. err |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        *markdown_table(_BYTES_COLUMNS, "lllrrrrrrr", map(_bytes_row, rows)),
     ]
-    for r in rows:
-        out.append(
-            f"| {r['block']} | {r['scenario']} | {r['precision']} | {r['eager']:,} | {r['inductor']:,} | "
-            f"{r['approxbp']:,} | {r['approxbp_over_inductor']:.3f} | {r['ms_only_over_inductor']:.3f} | "
-            f"{r['ms_only_grad_cosine']:.6f} | {r['ms_only_grad_rel_err']:.1e} |"
-        )
     amp = [r for r in rows if r["precision"] == "autocast"]
     if amp:
         out += [
@@ -217,15 +233,8 @@ def render(rows: list[dict], meta: dict, command: str) -> str:
             'so the norm backward sees x̂ rounded to bf16; `"input"` shares fp32 x̂: exact, but the consumers '
             "then rebuild their bf16 input from it and the shared tensor is twice as large.",
             "",
-            '| block | scenario | "consumer": B / inductor | cosine | rel. err | "input": B / inductor | cosine | rel. err |',
-            "|---|---|---:|---:|---:|---:|---:|---:|",
+            *markdown_table(_SHARE_DTYPE_COLUMNS, "llrrrrrr", map(_share_dtype_row, amp)),
         ]
-        for r in amp:
-            out.append(
-                f"| {r['block']} | {r['scenario']} | {r['ms_only_over_inductor']:.3f} | {r['ms_only_grad_cosine']:.6f} | "
-                f"{r['ms_only_grad_rel_err']:.1e} | {r['input_dtype_over_inductor']:.3f} | "
-                f"{r['input_dtype_grad_cosine']:.6f} | {r['input_dtype_grad_rel_err']:.1e} |"
-            )
     timed = [r for r in rows if "step_s_inductor" in r]
     if timed:
         out += [
@@ -236,14 +245,8 @@ def render(rows: list[dict], meta: dict, command: str) -> str:
             f"{meta['threads']} CPU threads. The machine is shared, so read ratios within ±5% as equal. "
             "GPU timings belong to the performance benchmark.",
             "",
-            "| block | scenario | precision | inductor ms | MS-BP only ms | ratio |",
-            "|---|---|---|---:|---:|---:|",
+            *markdown_table(_TIME_COLUMNS, "lllrrr", map(_time_row, timed)),
         ]
-        for r in timed:
-            out.append(
-                f"| {r['block']} | {r['scenario']} | {r['precision']} | {1e3 * r['step_s_inductor']:.1f} | "
-                f"{1e3 * r['step_s_ms_only']:.1f} | {r['ms_only_step_time_ratio']:.3f} |"
-            )
     return "\n".join(out) + "\n"
 
 
@@ -262,7 +265,7 @@ def main(argv=None) -> None:
         for kind, scenario in cells
         for precision in ("bf16", "autocast")
     ]
-    meta, command = provenance("norm_saved_bytes.py", argv)
+    meta, command = provenance("norm_saved_bytes", argv)
     meta.update(d=args.d, tokens=list(args.tokens), steps=args.steps, threads=torch.get_num_threads())
     write(args.json, args.md, {"meta": meta, "command": command, "rows": rows}, render(rows, meta, command))
 

@@ -1,7 +1,7 @@
 """README's explain() sample, regenerated from the demo model.
 
-    python benchmarks/readme_sample.py           # rewrites the sample in README.md
-    python benchmarks/readme_sample.py --check   # exits 1, with a diff, if README's sample is stale
+    python -m benchmarks.readme_sample           # rewrites the sample in README.md
+    python -m benchmarks.readme_sample --check   # exits 1, with a diff, if README's sample is stale
 
 The sample is what ``python -m approxbp_fx.demo`` prints first
 (``approxbp_fx.demo.report()``): the figures move whenever a rewrite changes
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BEGIN = "<!-- explain-sample: written by `python benchmarks/readme_sample.py`, do not edit -->"
+BEGIN = "<!-- explain-sample: written by `python -m benchmarks.readme_sample`, do not edit -->"
 END = "<!-- /explain-sample -->"
 
 

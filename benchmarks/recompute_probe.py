@@ -1,6 +1,6 @@
 """Saved bytes with and without inductor's pointwise recompute, for inductor and approxbp.
 
-    python benchmarks/recompute_probe.py      # GPT-2 (2 layers, widths/4, vocab 4096), full fine-tuning, bf16
+    python -m benchmarks.recompute_probe      # GPT-2 (2 layers, widths/4, vocab 4096), full fine-tuning, bf16
 
 Prints one line per backend. It is the probe behind docs/performance.md: it asks
 whether approxbp's own partition should allow pointwise recompute
@@ -10,16 +10,12 @@ that switch has no config field until its GPU step time is known.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch._functorch import config as fc
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import MODELS, apply_scenario  # noqa: E402
+from approxbp_fx.measure import saved_activation_bytes
 
-from approxbp_fx.measure import saved_activation_bytes  # noqa: E402
+from ._models import MODELS, apply_scenario
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Saved activation bytes per training step: eager vs inductor vs approxbp.
 
-    python benchmarks/saved_bytes.py                # writes docs/results/saved_bytes.json + docs/saved_bytes.md
+    python -m benchmarks.saved_bytes                # writes docs/results/saved_bytes.json + docs/saved_bytes.md
 
 Blocks: linear -> activation -> linear (GELU and SiLU), second linear trainable
 or frozen, bf16 and fp32 weights, plus SwiGLU as the case that must stay exact.
@@ -11,7 +11,6 @@ from the JSON this script writes.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -21,8 +20,8 @@ from torch import nn
 import approxbp_fx
 from approxbp_fx import saved_activation_bytes
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import ROOT, provenance, write  # noqa: E402
+from ._render import markdown_table, produced_by
+from ._report import ROOT, provenance, write
 
 
 class MLP(nn.Module):
@@ -69,23 +68,25 @@ def measure(block: str, frozen: bool, dtype: torch.dtype, d: int, hidden: int, t
     return row
 
 
+_COLUMNS = ["block", "2nd linear", "dtype", "eager B", "inductor B", "approxbp B", "approxbp / inductor"]
+
+
+def _row(r: dict) -> list[str]:
+    return [r["block"], r["second_linear"], r["dtype"], f"{r['eager']:,}", f"{r['inductor']:,}", f"{r['approxbp']:,}",
+            f"{r['approxbp_over_inductor']:.3f}"]
+
+
 def render(rows: list[dict], meta: dict, command: str) -> str:
     out = [
         "# Saved activation bytes per training step",
         "",
-        f"Produced by `{command}` with torch {meta['torch']} on {meta['machine']} ({meta['date']}).",
+        f"{produced_by(command, meta)}.",
         f"Block: `x[{meta['tokens'][0]}x{meta['tokens'][1]}x{meta['d']}]` -> Linear({meta['d']}, {meta['hidden']}) -> act -> "
         f"Linear({meta['hidden']}, {meta['d']}); 2-bit codes. Raw figures: `docs/results/saved_bytes.json`.",
         "Bytes exclude parameters (see `approxbp_fx.measure`).",
         "",
-        "| block | 2nd linear | dtype | eager B | inductor B | approxbp B | approxbp / inductor |",
-        "|---|---|---|---:|---:|---:|---:|",
+        *markdown_table(_COLUMNS, "lllrrrr", map(_row, rows)),
     ]
-    for r in rows:
-        out.append(
-            f"| {r['block']} | {r['second_linear']} | {r['dtype']} | {r['eager']:,} | {r['inductor']:,} | "
-            f"{r['approxbp']:,} | {r['approxbp_over_inductor']:.3f} |"
-        )
     return "\n".join(out) + "\n"
 
 
@@ -104,7 +105,7 @@ def main(argv=None) -> None:
         for frozen in (False, True)
         for dtype in (torch.bfloat16, torch.float32)
     ]
-    meta, command = provenance("saved_bytes.py", argv)
+    meta, command = provenance("saved_bytes", argv)
     meta.update(d=args.d, hidden=args.hidden, tokens=list(args.tokens), bits=approxbp_fx.ApproxBPConfig().bits)
     write(args.json, args.md, {"meta": meta, "command": command, "rows": rows}, render(rows, meta, command))
 

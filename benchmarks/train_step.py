@@ -1,7 +1,7 @@
 """End-to-end training steps: every model x scenario x precision x backend.
 
-    python benchmarks/train_step.py --tag h100                  # the GPU grid (CUDA)
-    python benchmarks/train_step.py --tag cpu --device cpu --layers 2 --width-div 4 --vocab 4096 \
+    python -m benchmarks.train_step --tag h100                  # the GPU grid (CUDA)
+    python -m benchmarks.train_step --tag cpu --device cpu --layers 2 --width-div 4 --vocab 4096 \
         --batch 2 --seq 63 --steps 0 --warmup 1                 # saved bytes only, on CPU
 
 A step is forward, backward and an AdamW step over the trainable parameters.
@@ -40,13 +40,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import MODELS, SCENARIOS, apply_scenario  # noqa: E402
-from _report import ROOT, provenance  # noqa: E402
-from kernels import copy_bandwidth  # noqa: E402
+from approxbp_fx.measure import saved_activation_bytes
+from approxbp_fx.eager import swap_modules
 
-from approxbp_fx.measure import saved_activation_bytes  # noqa: E402
-from approxbp_fx.eager import swap_modules  # noqa: E402
+from ._models import MODELS, SCENARIOS, apply_scenario
+from ._report import ROOT, provenance
+from .kernels import copy_bandwidth
 
 PRECISIONS = ("bf16", "amp")
 BACKENDS = ("eager", "inductor", "inductor_recompute", "inductor_budget0.5", "reference_eager", "approxbp",
@@ -156,7 +155,7 @@ def _meta(args, argv) -> tuple[dict, str]:
     import peft
     import transformers
 
-    meta, command = provenance("train_step.py", argv, args.device)
+    meta, command = provenance("train_step", argv, args.device)
     meta.update(transformers=transformers.__version__, peft=peft.__version__, device=args.device,
                 layers=args.layers, vocab=args.vocab, width_div=args.width_div, steps=args.steps,
                 warmup=args.warmup, threads=torch.get_num_threads())
@@ -232,7 +231,7 @@ def main(argv=None) -> int:
             torch._dynamo.config.patch(cache_size_limit=64):
         failed = _run_grid(args, cells, path, meta, commands)
     if not args.no_render:
-        from _render_train_step import render_all
+        from ._render_train_step import render_all
 
         render_all(args.out_dir / "results", args.out_dir)
     return 1 if failed else 0

@@ -7,31 +7,21 @@ one device-independent figure (saved bytes), never on speed.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+from benchmarks import forward_fuzz, fuzz, kernels, norm_saved_bytes, saved_bytes, train_step
+from benchmarks._failures import failure_text, group, minimise
+from benchmarks._render import markdown_table
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-@pytest.fixture
-def bench_module(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH))
-
-    def load(name):
-        sys.modules.pop(name, None)
-        return importlib.import_module(name)
-
-    return load
-
-
-def test_train_step_harness_writes_results_and_renders(tmp_path, bench_module):
+def test_train_step_harness_writes_results_and_renders(tmp_path):
     pytest.importorskip("peft")
-    train_step = bench_module("train_step")
     rc = train_step.main([
         "--tag", "t", "--device", "cpu", "--models", "gpt2-124m", "--scenarios", "lora_qv",
         "--precisions", "bf16", "--backends", "eager", "inductor", "reference_eager", "approxbp",
@@ -51,8 +41,7 @@ def test_train_step_harness_writes_results_and_renders(tmp_path, bench_module):
     assert "| gpt2-124m | lora_qv | bf16 |" in md and "Saved activation bytes" in md
 
 
-def test_kernel_microbenchmark_runs_on_cpu(tmp_path, bench_module):
-    kernels = bench_module("kernels")
+def test_kernel_microbenchmark_runs_on_cpu(tmp_path):
     assert kernels.main(["--tag", "t", "--device", "cpu", "--sizes", "8192", "--iters", "1", "--out-dir", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "results" / "kernels_t.json").read_text())["rows"]
     assert {r["kernel"] for r in rows} == {"act_pack", "code_grad", "layer_norm_bwd", "rms_norm_bwd"}
@@ -64,8 +53,7 @@ def test_kernel_microbenchmark_runs_on_cpu(tmp_path, bench_module):
     assert "| act_pack | approxbp lowered (inductor) |" in (tmp_path / "kernels.md").read_text()
 
 
-def test_fuzz_script_runs_and_reports(tmp_path, bench_module):
-    fuzz = bench_module("fuzz")
+def test_fuzz_script_runs_and_reports(tmp_path):
     out = tmp_path / "fuzz.json"
     rc = fuzz.main(["--examples", "2", "--seed", "1", "--tier", "aot_eager", "--max-blocks", "1",
                     "--json", str(out), "--md", str(tmp_path / "fuzz.md")])
@@ -77,8 +65,7 @@ def test_fuzz_script_runs_and_reports(tmp_path, bench_module):
     assert "| aot_eager | 2 |" in (tmp_path / "fuzz.md").read_text()
 
 
-def test_forward_fuzz_script_runs_and_renders_its_own_section(tmp_path, bench_module):
-    forward_fuzz = bench_module("forward_fuzz")
+def test_forward_fuzz_script_runs_and_renders_its_own_section(tmp_path):
     md, out = tmp_path / "fuzz.md", tmp_path / "forward_fuzz.json"
     gradient = "<!-- begin gradient fuzz (generated) -->\n# the gradient fuzzer's page\n<!-- end gradient fuzz -->\n"
     md.write_text(gradient)
@@ -93,8 +80,7 @@ def test_forward_fuzz_script_runs_and_renders_its_own_section(tmp_path, bench_mo
     assert text.count("## Forward equivalence") == 1 and "| 1 | 1 | 0 | 0 | 0 |" in text
 
 
-def test_forward_fuzz_describes_and_shrinks_specs(bench_module):
-    forward_fuzz = bench_module("forward_fuzz")
+def test_forward_fuzz_describes_and_shrinks_specs():
     Spec = forward_fuzz.ForwardSpec
     spec = Spec(chain=(("clamp", -10.0, 10.0), ("where", 0.0, (("act", "F.gelu"),), ())), fc2="frozen",
                 specials=((3, math.inf), (1000, math.nan)))
@@ -108,3 +94,41 @@ def test_forward_fuzz_describes_and_shrinks_specs(bench_module):
     assert dataclasses.replace(spec, tokens=(1, 8), specials=((3, math.inf),)) in candidates
     for cand in candidates:
         cand.build()
+
+
+def test_markdown_table_aligns_each_column_and_refuses_a_ragged_row():
+    rows = [["GELU MLP", "yes", "1,024"], ["SwiGLU", "**no**", 7]]
+    assert markdown_table(["block", "parity", "bytes"], "lcr", rows) == [
+        "| block | parity | bytes |",
+        "|---|:-:|---:|",
+        "| GELU MLP | yes | 1,024 |",
+        "| SwiGLU | **no** | 7 |",
+    ]
+    with pytest.raises(ValueError, match="2 cells, the header 3"):
+        markdown_table(["block", "parity", "bytes"], "lcr", [["GELU MLP", "yes"]])
+
+
+@pytest.mark.parametrize("script", [saved_bytes, norm_saved_bytes], ids=lambda m: m.__name__)
+def test_committed_page_is_what_its_committed_json_renders_to(script):
+    # Every figure on these pages comes from the JSON: re-rendering it must give the page byte for byte.
+    name = script.__name__.rpartition(".")[2]
+    data = json.loads((DOCS / "results" / f"{name}.json").read_text())
+    assert script.render(data["rows"], data["meta"], data["command"]) == (DOCS / f"{name}.md").read_text()
+
+
+def test_failures_group_by_signature_and_shrink_to_the_smallest_spec_failing_alike():
+    rows = [{"status": "ok", "spec": "1"}]
+    rows += [{"status": "fail", "spec": spec, "detail": failure_text(AssertionError(msg))}
+             for spec, msg in [("40", "too big: 40 elements"), ("9", "too big: 9 elements"), ("3", "odd (3)")]]
+    failures = group(rows)
+    # Numbers are blanked and the message is cut at the details, so 40 and 9 are one bug.
+    assert list(failures) == ["AssertionError: too big", "AssertionError: odd"]
+    assert failures["AssertionError: too big"] | {"detail": None} == {
+        "signature": "AssertionError: too big", "count": 2, "first": "40", "detail": None}
+
+    def attempt(n: int):
+        return ("fail", failure_text(AssertionError(f"too big: {n}"))) if n >= 5 else ("ok", {})
+
+    # The biggest steps come first; a candidate that passes (or fails otherwise) is skipped.
+    small, tries = minimise(40, "AssertionError: too big", lambda n: [n // 2, n - 1], attempt, budget_s=60)
+    assert small == 5 and tries == 5  # 40 -> 20 -> 10 -> 5, then 2 and 4 pass

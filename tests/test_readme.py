@@ -2,39 +2,29 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
-import pytest
+from benchmarks import readme_sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def readme_sample():
-    """benchmarks/readme_sample.py, the script that writes README's sample."""
-    spec = importlib.util.spec_from_file_location("readme_sample", ROOT / "benchmarks" / "readme_sample.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_readme_explain_sample_is_what_the_demo_prints_now(readme_sample):
+def test_readme_explain_sample_is_what_the_demo_prints_now():
     # The figures move with every change to what a rewrite saves: compare
     # against a fresh run, never against numbers written down here.
     held = readme_sample.sample((ROOT / "README.md").read_text()).splitlines()
     fresh = readme_sample.render().splitlines()
     stale = [f"README: {a!r}\n   now: {b!r}" for a, b in zip(held, fresh) if a != b]
     assert len(held) == len(fresh) and not stale, (
-        "README's explain() sample is stale; run `python benchmarks/readme_sample.py`\n" + "\n".join(stale)
+        "README's explain() sample is stale; run `python -m benchmarks.readme_sample`\n" + "\n".join(stale)
     )
 
 
-def test_the_script_rewrites_only_the_sample_and_check_tells_stale_from_fresh(readme_sample, tmp_path, capsys):
+def test_the_script_rewrites_only_the_sample_and_check_tells_stale_from_fresh(tmp_path, capsys, monkeypatch):
     readme = tmp_path / "README.md"
     before = f"intro\n\n{readme_sample.BEGIN}\n```\nold row\n```\n{readme_sample.END}\n\noutro\n"
     readme.write_text(before)
-    readme_sample.render = lambda: "```\nnew row\n```"
+    monkeypatch.setattr(readme_sample, "render", lambda: "```\nnew row\n```")
 
     assert readme_sample.main(["--readme", str(readme), "--check"]) == 1
     assert readme.read_text() == before

@@ -1,7 +1,8 @@
 """Random small networks, and the one check every fuzz example must pass.
 
 Shared by ``tests/test_fuzz.py`` (a few derandomized examples in CI) and
-``benchmarks/fuzz.py`` (the long run). A :class:`NetSpec` is plain data
+``benchmarks/fuzz.py`` (the long run), so it imports nothing from tests/.
+A :class:`NetSpec` is plain data
 (its ``repr`` rebuilds it), :func:`net_specs` is the hypothesis strategy that
 draws one, :func:`build` turns it into a model, an input and an upstream
 gradient, and :func:`check` runs it three ways and asserts:
@@ -61,19 +62,10 @@ from torch import nn
 import approxbp_fx
 from approxbp_fx import ApproxBPConfig
 from approxbp_fx.coefficients import table
-from approxbp_fx.measure import count_saved_bytes
 from approxbp_fx.eager import ApproxActivation
-from tests.conftest import ACT_FORMS, NORM_FORMS
+from approxbp_fx.measure import count_saved_bytes
 
-
-def _hf_act(name: str):
-    # Imported lazily: transformers costs ~2 s to import, and only these forms need it.
-    def make():
-        from transformers.activations import ACT2FN
-
-        return ACT2FN[name]
-
-    return make
+from ._forms import ACT_FORMS, NORM_FORMS, hf_act
 
 
 def _fixed(fn):
@@ -81,19 +73,19 @@ def _fixed(fn):
 
 
 # Every spelling of an activation the fuzzer uses: name -> (activation the
-# backend must recognise, factory of a callable). conftest's forms, plus the
+# backend must recognise, factory of a callable). The pass tests' forms, plus the
 # functional ones and Hugging Face's classes.
 FORMS = {
     **{name: (act, _fixed(fn)) for name, (act, fn) in ACT_FORMS.items()},
     "F.gelu": ("gelu", _fixed(F.gelu)),
     "F.silu": ("silu", _fixed(F.silu)),
     "nn.GELU(tanh)": ("gelu_tanh", lambda: nn.GELU(approximate="tanh")),
-    "hf.gelu": ("gelu", _hf_act("gelu")),
-    "hf.gelu_new": ("gelu_tanh", _hf_act("gelu_new")),
-    "hf.gelu_fast": ("gelu_tanh", _hf_act("gelu_fast")),
-    "hf.gelu_pytorch_tanh": ("gelu_tanh", _hf_act("gelu_pytorch_tanh")),
-    "hf.quick_gelu": ("quick_gelu", _hf_act("quick_gelu")),
-    "hf.silu": ("silu", _hf_act("silu")),
+    "hf.gelu": ("gelu", hf_act("gelu")),
+    "hf.gelu_new": ("gelu_tanh", hf_act("gelu_new")),
+    "hf.gelu_fast": ("gelu_tanh", hf_act("gelu_fast")),
+    "hf.gelu_pytorch_tanh": ("gelu_tanh", hf_act("gelu_pytorch_tanh")),
+    "hf.quick_gelu": ("quick_gelu", hf_act("quick_gelu")),
+    "hf.silu": ("silu", hf_act("silu")),
 }
 
 DTYPES = ("float32", "bfloat16", "float64", "autocast")
