@@ -37,7 +37,7 @@ def backend(
     Args:
         config: what to rewrite; ``ApproxBPConfig()`` when None.
         mode: an inductor mode ("max-autotune", ...), as ``torch.compile(mode=...)``.
-        on_report: receives a :class:`~approxbp_fx.partition.GraphReport` per
+        on_report: receives a :class:`~approxbp_fx.report.GraphReport` per
             compiled joint graph (what was rewritten and the saved bytes).
         compiler: "inductor" (the product), or "aot_eager" to run the
             rewritten forward/backward graphs op by op, for debugging the

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 import approxbp_fx
 from approxbp_fx import ApproxBPConfig
@@ -162,7 +163,7 @@ def run_task(name: str, args) -> dict:
     rewrites: dict[str, dict] = {}
     for arm in arms:
         torch._dynamo.reset()
-        approxbp_fx.partition.counters.clear()
+        counters.clear()
         reports: list = []
         fn = compile_arm(task.model, arm, reports)
         runs[arm] = {}
