@@ -61,10 +61,20 @@ def exact_forward(name: str, x: torch.Tensor, out_dtype: torch.dtype | None = No
     return fn(compute).to(out_dtype or x.dtype)
 
 
+def _unchanged(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def exact_derivative(name: str, x: torch.Tensor) -> torch.Tensor:
-    """``h'(x)`` by autograd on the exact function, in ``x``'s dtype."""
+    """``h'(x)`` by autograd on the exact function, in ``x``'s dtype.
+
+    The rule's probe tables are built by this during the first compile, which
+    may run inside the caller's ``saved_tensors_hooks`` (a saved-bytes counter,
+    an offloading hook): identity hooks keep this private graph's saved tensors
+    away from theirs (seen: five float64 probe tensors counted as activations).
+    """
     fn = activation_fn(name)
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_unchanged, _unchanged):
         xd = x.detach().requires_grad_(True)
         (d,) = torch.autograd.grad(fn(xd).sum(), xd)
     return d

@@ -49,6 +49,35 @@ def test_saved_bytes_are_exactly_accounted():
     assert saved_bytes(model, "approxbp", x) == tokens * 64 * 2 + -(-tokens * 200 // 4) + 1
 
 
+_FIRST_COMPILE = """
+import torch
+from torch import nn
+import approxbp_fx
+torch.manual_seed(0)
+m = nn.Sequential(nn.Linear(64, 200), nn.GELU(), nn.Linear(200, 64)).bfloat16()
+m[2].requires_grad_(False)
+x = torch.randn(5, 29, 64, dtype=torch.bfloat16)
+for _ in range(2):
+    torch._dynamo.reset()
+    print(approxbp_fx.saved_activation_bytes(torch.compile(m, backend="approxbp"), x, params=m))
+"""
+
+
+def test_the_first_compile_of_a_process_saves_what_every_later_one_does():
+    # The rules load, and build their probe tables by autograd, at the first
+    # compile: inside the caller's saved_tensors_hooks. Those tensors are not
+    # the model's activations (five float64 probe tensors were counted once).
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-c", _FIRST_COMPILE], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    tokens = 5 * 29
+    assert run.stdout.split() == [str(tokens * 64 * 2 + -(-tokens * 200 // 4) + 1)] * 2
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4])
 def test_code_bytes_follow_bits(bits):
     model = MLP(nn.GELU(), frozen_second=True).bfloat16()
