@@ -1,11 +1,11 @@
-"""The long fuzz run: many random networks through benchmarks/_fuzz_nets.py's check.
+"""The long fuzz run: many random networks through benchmarks/_fuzz_check.py's check.
 
     python -m benchmarks.fuzz --examples 40 --seed 0    # writes docs/results/fuzz.json + docs/fuzz.md
 
 Every example is a random :class:`_fuzz_nets.NetSpec`, drawn by hypothesis
 from ``--seed`` (the same seed draws the same networks), compiled with
 ``backend=approxbp`` and its peer, and checked against the eager reference
-(forward, gradients, saved bytes, the report: see benchmarks/_fuzz_nets.py). Unlike
+(forward, gradients, saved bytes, the report: see benchmarks/_fuzz_check.py). Unlike
 the CI test, a failure does not stop the run: every example is tried, each
 distinct failure (exception type and message head) is then shrunk greedily to
 a minimal NetSpec, and everything lands in the JSON and a short docs page.
@@ -23,7 +23,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, Phase, given, seed, settings
 
 from ._failures import failure_text, group, minimise
-from ._fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs
+from ._fuzz_check import Ambiguous, check
+from ._fuzz_nets import Block, NetSpec, net_specs
 from ._render import markdown_table, produced_by
 from ._report import ROOT, provenance, write_section
 

@@ -1,6 +1,6 @@
 """Random networks through approxbp: forward, gradients, saved bytes, report.
 
-The generator and the check live in benchmarks/_fuzz_nets.py (the module docstring
+The generator lives in benchmarks/_fuzz_nets.py, the check in benchmarks/_fuzz_check.py (its docstring
 says how each activation's decision is mapped back to its module and how
 code flips and dropout are handled); benchmarks/fuzz.py runs the same check
 for as long as one likes. CI runs a few derandomized examples per tier, so
@@ -13,8 +13,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 
-from benchmarks import _fuzz_nets as fuzz_nets
-from benchmarks._fuzz_nets import Ambiguous, Block, NetSpec, check, net_specs
+from benchmarks import _fuzz_check as fuzz_check
+from benchmarks._fuzz_check import Ambiguous, check
+from benchmarks._fuzz_nets import Block, NetSpec, net_specs
 
 _SETTINGS = dict(deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -66,6 +67,6 @@ def test_fixed_net_is_rewritten_and_passes(tier):
 def test_check_fails_with_the_wrong_reference(monkeypatch):
     # The gradient oracle tells the step derivative from the exact one in
     # float32: with a reference that approximates nothing, check() must fail.
-    monkeypatch.setattr(fuzz_nets, "reference", lambda model, approximated, bits: fuzz_nets.copy.deepcopy(model))
+    monkeypatch.setattr(fuzz_check, "reference", lambda model, approximated, bits: fuzz_check.copy.deepcopy(model))
     with pytest.raises(AssertionError, match="gradients differ from the eager reference"):
         check(_PAYS, "aot_eager")
