@@ -30,6 +30,7 @@ whatever the function, so probing there could prove nothing.
 
 from __future__ import annotations
 
+import heapq
 from typing import Callable, Iterable
 
 import torch
@@ -193,36 +194,49 @@ def tensor_args(node: fx.Node) -> list[fx.Node]:
     return out
 
 
-def unary_closure(x: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node] | None:
-    """Nodes that are pointwise functions of ``x`` alone, in graph order, ``x`` first.
+def _grow(starts, order: dict[fx.Node, int], visit) -> None:
+    """Visit ``starts`` and the users of every node ``visit`` accepts, each once, in graph order.
 
-    Returns None if the closure exceeds :data:`MAX_CLOSURE`.
+    Graph order is topological, so one sweep in that order sees every argument
+    before its user; a heap keeps the sweep ordered as it grows. ``visit(n)``
+    returns True to grow from ``n``, False not to, None to stop.
     """
-    members = {x}
-    frontier = sorted(x.users, key=order.__getitem__)
-    seen: set[fx.Node] = set()
-    # Graph order is topological, so one sweep in that order sees every
-    # argument before its user; a heap keeps the sweep ordered as it grows.
-    import heapq
-
-    heap = [(order[u], u) for u in frontier]
+    heap = [(order[u], u) for u in starts]
     heapq.heapify(heap)
+    seen: set[fx.Node] = set()
     while heap:
         _, n = heapq.heappop(heap)
         if n in seen:
             continue
         seen.add(n)
-        if not is_smooth(n) or not same_shape(n, x):
-            continue
-        if not all(a in members for a in tensor_args(n)):
-            continue
+        accepted = visit(n)
+        if accepted is None:
+            return
+        if accepted:
+            for u in n.users:
+                if u not in seen:
+                    heapq.heappush(heap, (order[u], u))
+
+
+def unary_closure(x: fx.Node, order: dict[fx.Node, int]) -> list[fx.Node] | None:
+    """Nodes that are smooth functions of ``x`` alone, in graph order, ``x`` first.
+
+    Returns None if the closure exceeds :data:`MAX_CLOSURE`.
+    """
+    members = {x}
+    too_big = []
+
+    def visit(n: fx.Node):
+        if not is_smooth(n) or not same_shape(n, x) or not all(a in members for a in tensor_args(n)):
+            return False
         members.add(n)
         if len(members) > MAX_CLOSURE:
+            too_big.append(n)
             return None
-        for u in n.users:
-            if u not in seen:
-                heapq.heappush(heap, (order[u], u))
-    return sorted(members, key=order.__getitem__)
+        return True
+
+    _grow(x.users, order, visit)
+    return None if too_big else sorted(members, key=order.__getitem__)
 
 
 def evaluate(nodes: Iterable[fx.Node], env: dict[fx.Node, torch.Tensor]) -> dict[fx.Node, torch.Tensor]:
@@ -267,40 +281,26 @@ def has_transcendental(nodes: Iterable[fx.Node]) -> bool:
 def linear_region(
     closure: set[fx.Node], order: dict[fx.Node, int], x: fx.Node
 ) -> dict[fx.Node, fx.Node]:
-    """Pointwise nodes outside ``closure`` that read it and exactly one other tensor ``g``.
+    """Smooth nodes outside ``closure`` that read it and exactly one other tensor ``g``.
 
     Returns ``{node: g}``: each node is a function of (x, g) alone, e.g. the
     chain-rule product ``g * h'(x)`` and its partial sums.
     """
-    import heapq
-
     region: dict[fx.Node, fx.Node] = {}
-    heap = [(order[u], u) for c in closure for u in c.users if u not in closure]
-    heapq.heapify(heap)
-    seen: set[fx.Node] = set()
-    while heap:
-        _, n = heapq.heappop(heap)
-        if n in seen:
-            continue
-        seen.add(n)
+
+    def visit(n: fx.Node):
         if not is_smooth(n) or not same_shape(n, x):
-            continue
-        leaves: set[fx.Node] = set()
-        for a in tensor_args(n):
-            if a in closure:
-                continue
-            leaves.add(region[a] if a in region else a)
+            return False
+        leaves = {region.get(a, a) for a in tensor_args(n) if a not in closure}
         if len(leaves) != 1:
-            continue
+            return False
         (g,) = leaves
         if not same_shape(g, x):
-            continue
+            return False
         region[n] = g
-        if len(region) > MAX_CLOSURE:
-            break
-        for u in n.users:
-            if u not in seen:
-                heapq.heappush(heap, (order[u], u))
+        return None if len(region) > MAX_CLOSURE else True
+
+    _grow([u for c in closure for u in c.users if u not in closure], order, visit)
     return region
 
 
