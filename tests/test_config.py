@@ -112,3 +112,19 @@ def test_config_pickles_the_same_in_every_process():
     }
     assert len(outs) == 1 and outs != {""}
     assert pickle.loads(bytes.fromhex(outs.pop())) == ApproxBPConfig()
+
+
+def test_import_loads_neither_sympy_nor_mpmath_nor_dynamo():
+    # APPROXBP_FX_AUTO imports the package inside every `import torch`: it must
+    # cost little until a compile starts (the derivation is offline, the
+    # rules load at the first compile). Measured against torch's own import.
+    code = (
+        "import sys, torch\n"
+        "before = set(sys.modules)\n"
+        "import approxbp_fx\n"
+        "print(sorted(m for m in ('sympy', 'mpmath', 'torch._dynamo') if m in set(sys.modules) - before))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["[]"]
