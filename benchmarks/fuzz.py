@@ -69,7 +69,7 @@ def render(payload: dict) -> str:
         "Each example is a random network of Linear, GELU/SiLU (every spelling: nn, F, hand-written, Hugging Face),",
         "LayerNorm/RMSNorm (nn, F, Hugging Face), dropout and gating blocks, chained or residual, in fp32, bf16,",
         "fp64 or under bf16 autocast, with random frozen Linears, code bits and partitioner settings",
-        "(`benchmarks/_fuzz_nets.py`). Each is checked for: forward equal to the peer's; gradients equal to an eager",
+        "(`benchmarks/_fuzz_nets.py`, `benchmarks/_fuzz_check.py`). Each is checked for: forward equal to the peer's; gradients equal to an eager",
         "reference in which exactly the activations the backend reported approximated use the step derivative;",
         "saved bytes at most the peer's; every activation reported once, as what it is.",
         "",
