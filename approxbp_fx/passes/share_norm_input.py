@@ -158,7 +158,7 @@ def _match(rstd: fx.Node, order) -> NormSite | None:
 
 
 def _xhat(kind, rstd, family, mean, stat_nodes) -> tuple[fx.Node | None, list[fx.Node]]:
-    """x̂: the one forward product of r with x (RMS) or with x − μ (LayerNorm); and the norm's other full-size nodes."""
+    """x̂, the one forward product of r with x (RMS) or with x − μ (LayerNorm), and the norm's other full-size nodes."""
     inner: list[fx.Node] = [stat_nodes[0]] if kind == "rms_norm" else []
     xhats = []
     for u in rstd.users:
