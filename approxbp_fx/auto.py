@@ -2,10 +2,11 @@
 
 :func:`enable` installs :class:`~approxbp_fx.partition.ApproxBPPartitioner`
 as inductor's ``custom_partitioner_fn`` (the hook that receives the joint
-forward+backward graph and returns the forward and backward graphs), wrapping
-whatever partitioner was installed before: that one still partitions, and
-the rewrite is measured against it. :func:`disable` puts the previous value
-back. Both act on compiles that start afterwards; graphs already compiled keep
+forward+backward graph and returns the forward and backward graphs) and
+:class:`~approxbp_fx.partition.ApproxBPGraphPasses` as its
+``pre_grad_custom_pass``, wrapping whatever was installed before: that still
+runs, and the rewrite is measured against that partitioner. :func:`disable`
+puts the previous values back. Both act on compiles that start afterwards; graphs already compiled keep
 what they were compiled with.
 
 Without touching the script::
@@ -39,32 +40,32 @@ __all__ = ["enable", "disable", "is_enabled", "enable_from_env", "config_from_en
 def enable(config: ApproxBPConfig | None = None) -> None:
     """Make every later inductor compile (``torch.compile(model)``) run the rewrite.
 
-    The partitioner installed before (None: inductor's own) becomes the inner
-    one, which still partitions; the rewrite is measured against it. Calling
-    it again replaces the config and keeps that inner partitioner. The only
-    state is inductor's config itself: nothing is remembered here.
+    The partitioner and pre-grad pass installed before (None: inductor's own)
+    become the inner ones, which still run; the rewrite is measured against
+    that partitioner. Calling it again replaces the config and keeps those
+    inner hooks. The only state is inductor's config itself: nothing is
+    remembered here.
     """
     from torch._inductor import config as inductor_config
 
-    from .partition import ApproxBPPartitioner
+    from .partition import inductor_hooks
 
     cfg = config if config is not None else ApproxBPConfig()
     if not isinstance(cfg, ApproxBPConfig):
         raise TypeError(f"enable(config=...) expects an ApproxBPConfig, got {type(cfg).__name__}")
-    current = inductor_config.custom_partitioner_fn
-    inner = current.inner if isinstance(current, ApproxBPPartitioner) else current
-    inductor_config.custom_partitioner_fn = ApproxBPPartitioner(cfg, inner=inner)
+    for name, value in inductor_hooks(cfg).items():
+        setattr(inductor_config, name, value)
 
 
 def disable() -> None:
-    """Undo :func:`enable`: inductor's partitioner hook is what it was before.
+    """Undo :func:`enable`: inductor's hooks are what they were before.
 
     A no-op when nothing is installed. If the installed partitioner is someone
     else's (installed after enable()), it is kept, and this raises.
     """
     from torch._inductor import config as inductor_config
 
-    from .partition import ApproxBPPartitioner
+    from .partition import ApproxBPGraphPasses, ApproxBPPartitioner
 
     current = inductor_config.custom_partitioner_fn
     if current is None:
@@ -77,6 +78,9 @@ def disable() -> None:
             f"after enable() (now {current!r}); restore it yourself, or call disable() before installing it"
         )
     inductor_config.custom_partitioner_fn = current.inner
+    pre_grad = inductor_config.pre_grad_custom_pass
+    if isinstance(pre_grad, ApproxBPGraphPasses):
+        inductor_config.pre_grad_custom_pass = pre_grad.inner
 
 
 def is_enabled() -> bool:

@@ -61,22 +61,16 @@ def backend(
         patches.update(torch._inductor.list_mode_options(mode))
 
     def approxbp_backend(gm: torch.fx.GraphModule, example_inputs):
-        from torch._inductor import config as inductor_config
         from torch._inductor.compile_fx import compile_fx
 
-        from .partition import ApproxBPPartitioner
-        from .passes import before_aot
+        from .partition import inductor_hooks
 
-        # Measure against, and delegate to, whatever partitioner the user set;
-        # under approxbp_fx.enable() that is the one enable() wrapped, so the
-        # rewrite runs once, with this backend's config.
-        inner = inductor_config.custom_partitioner_fn
-        if isinstance(inner, ApproxBPPartitioner):
-            inner = inner.inner
-        partitioner = ApproxBPPartitioner(cfg, inner=inner, on_report=on_report)
-        before_aot(gm, cfg)
+        # Measure against, and delegate to, whatever partitioner (and pre-grad
+        # pass) the user set; under approxbp_fx.enable() those are the ones
+        # enable() wrapped, so the pipeline runs once, with this backend's config.
+        hooks = inductor_hooks(cfg, on_report)
         with _partition_runs_if_observed(on_report):
-            return compile_fx(gm, example_inputs, config_patches={**patches, "custom_partitioner_fn": partitioner})
+            return compile_fx(gm, example_inputs, config_patches={**patches, **hooks})
 
     return approxbp_backend
 
@@ -102,13 +96,13 @@ def _aot_eager(cfg: ApproxBPConfig, on_report):
     from torch._decomp import get_decompositions
     from torch._dynamo.backends.common import aot_autograd
 
-    from .partition import ApproxBPPartitioner
-    from .passes import before_aot
+    from .partition import ApproxBPGraphPasses, ApproxBPPartitioner
 
     def run_graph(gm, _example_inputs):
         return make_boxed_func(gm.forward)
 
-    partitioner = ApproxBPPartitioner(cfg, on_report=on_report)
+    graph_passes = ApproxBPGraphPasses(cfg)
+    partitioner = ApproxBPPartitioner(cfg, on_report=on_report, graph_passes=graph_passes)
     # Inductor hands its partitioner layer norm decomposed (var_mean, rsqrt, ...);
     # decompose it here too so this tier sees the norm sites inductor's does.
     # Activations stay whole (aten.gelu_backward), which keeps that form tested.
@@ -117,7 +111,9 @@ def _aot_eager(cfg: ApproxBPConfig, on_report):
     inner = aot_autograd(fw_compiler=run_graph, bw_compiler=run_graph, partition_fn=partitioner, decompositions=decomps)
 
     def approxbp_aot_eager(gm: torch.fx.GraphModule, example_inputs):
-        before_aot(gm, cfg)
+        # No inductor here, so no pre-grad hook: the first stage runs on dynamo's graph directly.
+        graph_passes(gm.graph)
+        gm.recompile()
         with _partition_runs_if_observed(on_report):
             return inner(gm, example_inputs)
 

@@ -35,6 +35,12 @@ class ApproxBPConfig:
     # Approx-BP for GELU/SiLU-family activations (passes/save_act_codes.py).
     save_act_codes: bool = True
 
+    # Keep CUDA attention on a fused kernel (passes/fused_attention.py): an SDPA
+    # mask that is provably all True is dropped, and one whose last dim is
+    # strided is made contiguous, so CUDA does not fall to the math path and
+    # save fp32 attention probabilities. Exact; CPU graphs are left alone.
+    fused_attention: bool = True
+
     # MS-BP for LayerNorm/RMSNorm (passes/share_norm_input.py): the norm's
     # backward reads the normalised tensor its consumers save, not its input.
     share_norm_input: bool = True
@@ -71,7 +77,7 @@ class ApproxBPConfig:
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in BITS:
             raise ValueError(f"ApproxBPConfig.bits must be an int in {BITS[0]}..{BITS[-1]}, got {self.bits!r}")
-        for flag in ("save_act_codes", "share_norm_input", "pointwise_recompute"):
+        for flag in ("save_act_codes", "share_norm_input", "pointwise_recompute", "fused_attention"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"ApproxBPConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.norm_share_dtype not in _NORM_SHARE_DTYPES:

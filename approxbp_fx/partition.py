@@ -30,14 +30,14 @@ from typing import Any, Callable, Sequence
 
 import torch.fx as fx
 from torch._dynamo.utils import counters
-from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
 
 from .config import ApproxBPConfig
-from .passes import RULES, Site, after_cut
+from .passes import GRAPH_PASSES, RULES, Site, after_cut, before_aot
 from .passes.graph_bytes import saved_tensors
 from .report import ApproxBPFallbackWarning, GraphReport, SiteDecision, log, log_report
 
-__all__ = ["ApproxBPPartitioner", "find_sites"]
+__all__ = ["ApproxBPPartitioner", "ApproxBPGraphPasses", "find_sites"]
 
 # (rule name, site key): a site's identity in one graph.
 Key = tuple[str, str]
@@ -127,6 +127,43 @@ def _source_files() -> list[Path]:
     return sorted(Path(__file__).parent.rglob("*.py"))
 
 
+def _uuid(cfg: ApproxBPConfig, inner) -> tuple:
+    """What decides the code a hook of ours makes: our source, the config, and the hook it wraps."""
+    files = tuple(str(p) for p in _source_files())
+    inner_id = inner.uuid() if isinstance(inner, (CustomPartitionerFn, CustomGraphPass)) else repr(inner)
+    return (get_hash_for_files(files), cfg.key(), inner_id)
+
+
+class ApproxBPGraphPasses(CustomGraphPass):
+    """The pipeline's first stage as inductor's ``pre_grad_custom_pass`` (so ``enable()`` runs it too).
+
+    Runs ``inner`` (a pre-grad pass installed before ours) first, then the
+    enabled :data:`~approxbp_fx.passes.GRAPH_PASSES`; their decisions wait in
+    ``pending`` for the partitioner of the same compile, which reports them.
+    """
+
+    def __init__(self, cfg: ApproxBPConfig, inner=None) -> None:
+        self.cfg = cfg
+        self.inner = inner
+        self.pending: list[SiteDecision] = []
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if self.inner is not None:
+            self.inner(graph)
+        self.pending = before_aot(graph, self.cfg)
+
+    def take(self) -> list[SiteDecision]:
+        pending, self.pending = self.pending, []
+        return pending
+
+    def uuid(self) -> Any:
+        return _uuid(self.cfg, self.inner)
+
+    def __reduce__(self):
+        # Pickled into cache keys, like the partitioner (see ApproxBPPartitioner.__reduce__).
+        return (type(self), (self.cfg, self.inner))
+
+
 class ApproxBPPartitioner(CustomPartitionerFn):
     """Inductor's partitioner with our rewrites applied where they pay.
 
@@ -135,6 +172,8 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         inner: the partitioner to measure with and delegate to; inductor's
             min-cut partitioner when None.
         on_report: called with a :class:`~approxbp_fx.report.GraphReport` for every joint graph.
+        graph_passes: the first stage of the same compiles, whose decisions
+            each report begins with.
     """
 
     def __init__(
@@ -142,15 +181,15 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         cfg: ApproxBPConfig,
         inner: Callable[..., tuple[fx.GraphModule, fx.GraphModule]] | None = None,
         on_report: Callable[[GraphReport], None] | None = None,
+        graph_passes: ApproxBPGraphPasses | None = None,
     ) -> None:
         self.cfg = cfg
         self.inner = inner
         self.on_report = on_report
+        self.graph_passes = graph_passes
 
     def uuid(self) -> Any:
-        files = tuple(str(p) for p in _source_files())
-        inner = self.inner.uuid() if isinstance(self.inner, CustomPartitionerFn) else repr(self.inner)
-        return (get_hash_for_files(files), self.cfg.key(), inner)
+        return _uuid(self.cfg, self.inner)
 
     def __reduce__(self):
         # AOTAutograd's and inductor's cache keys hash the pickled inductor
@@ -267,10 +306,31 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         return trial, added
 
     def _finish(self, report: GraphReport) -> None:
+        if self.graph_passes is not None:
+            report.sites[:0] = self.graph_passes.take()
         # Tests assert exact match counts here, as inductor's pattern-matcher tests do.
-        for rule, done, found in report.counts(RULES):
+        stages = [*GRAPH_PASSES, *RULES]
+        for rule, done, found in report.counts(stages):
             counters["approxbp"][rule] += done
             counters["approxbp"][f"{rule}_kept_exact"] += found - done
-        log_report(report, RULES)
+        log_report(report, stages)
         if self.on_report is not None:
             self.on_report(report)
+
+
+def inductor_hooks(cfg: ApproxBPConfig, on_report=None) -> dict[str, Any]:
+    """Inductor config values that run the whole pipeline with ``cfg``.
+
+    Wraps the partitioner and pre-grad pass installed now (unwrapping ours, so
+    that under ``enable()`` a backend's own config runs once, not twice): they
+    still run, and the rewrite is measured against that partitioner.
+    """
+    from torch._inductor import config as inductor_config
+
+    partitioner, pre_grad = inductor_config.custom_partitioner_fn, inductor_config.pre_grad_custom_pass
+    graph_passes = ApproxBPGraphPasses(cfg, inner=pre_grad.inner if isinstance(pre_grad, ApproxBPGraphPasses) else pre_grad)
+    inner = partitioner.inner if isinstance(partitioner, ApproxBPPartitioner) else partitioner
+    return {
+        "custom_partitioner_fn": ApproxBPPartitioner(cfg, inner=inner, on_report=on_report, graph_passes=graph_passes),
+        "pre_grad_custom_pass": graph_passes,
+    }

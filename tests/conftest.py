@@ -130,10 +130,10 @@ def norm_sites(reports) -> list:
 
 @pytest.fixture
 def partitioner_hook():
-    """Inductor's custom_partitioner_fn (all that approxbp_fx.enable() changes),
-    put back after the test whatever it installed."""
+    """Inductor's custom_partitioner_fn and pre_grad_custom_pass (all that
+    approxbp_fx.enable() changes), put back after the test whatever it installed."""
     from torch._inductor import config as inductor_config
 
-    before = inductor_config.custom_partitioner_fn
+    before = inductor_config.custom_partitioner_fn, inductor_config.pre_grad_custom_pass
     yield
-    inductor_config.custom_partitioner_fn = before
+    inductor_config.custom_partitioner_fn, inductor_config.pre_grad_custom_pass = before

@@ -79,6 +79,7 @@ def test_partitioner_uuid_tracks_config():
 _OTHER_VALUE = {
     "bits": 3,
     "save_act_codes": False,
+    "fused_attention": False,
     "share_norm_input": False,
     "norm_share_dtype": "input",
     "pointwise_recompute": True,

@@ -1,8 +1,10 @@
 """The pipeline, stage by stage, in the order a compile runs it.
 
 1. **Before AOTAutograd** (:func:`before_aot`, over ``GRAPH_PASSES``):
-   rewrites of the graph dynamo hands the backend, applied by
-   :mod:`approxbp_fx.backend` before ``compile_fx``. None yet.
+   rewrites of the graph dynamo hands the compiler, run as inductor's
+   ``pre_grad_custom_pass`` (:class:`approxbp_fx.partition.ApproxBPGraphPasses`),
+   so ``enable()`` gets them too. Each returns a decision per site; the
+   partitioner puts them in the graph's report.
 2. **The joint graph** (:data:`RULES`): each rule finds sites in AOTAutograd's
    joint forward+backward graph; :mod:`approxbp_fx.partition` predicts,
    applies and measures them with the real partitioner, and keeps only what
@@ -19,6 +21,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..config import ApproxBPConfig
+from .fused_attention import keep_fused_attention
 from .rule import RULES, Rule, Site, register
 
 # 1. save_act_codes first: an activation's codes replace its input. A norm
@@ -29,14 +32,16 @@ from . import save_act_codes  # noqa: E402,F401  (registers the rule)
 # 2. share_norm_input: a norm's backward reads the tensor its consumers save.
 from . import share_norm_input  # noqa: E402,F401  (registers the rule)
 
-# Each takes (dynamo's graph module, ApproxBPConfig) and edits it in place.
-GRAPH_PASSES: tuple = ()
+# name (the ApproxBPConfig switch) -> pass(graph, cfg) -> [SiteDecision], editing the graph in place.
+GRAPH_PASSES = {
+    # Keep CUDA attention off the math path, whose fp32 probabilities dwarf every saving below.
+    "fused_attention": keep_fused_attention,
+}
 
 
-def before_aot(gm: fx.GraphModule, cfg: ApproxBPConfig) -> None:
-    """Stage 1: the graph passes, in order, on the graph dynamo hands the backend."""
-    for graph_pass in GRAPH_PASSES:
-        graph_pass(gm, cfg)
+def before_aot(graph: fx.Graph, cfg: ApproxBPConfig) -> list:
+    """Stage 1: the enabled graph passes, in order, on the graph dynamo hands the compiler."""
+    return [d for name, graph_pass in GRAPH_PASSES.items() if getattr(cfg, name) for d in graph_pass(graph, cfg)]
 
 
 def after_cut(graphs: tuple[fx.GraphModule, ...], cfg: ApproxBPConfig) -> None:

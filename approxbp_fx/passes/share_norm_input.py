@@ -194,18 +194,38 @@ def _decide(site: NormSite, nodes: dict[str, fx.Node], cfg: ApproxBPConfig) -> N
     consumer_reads = [nodes[n] for n in [site.xhat, *site.chain] if any(is_backward(u) for u in nodes[n].users)]
     if not x_readers:
         return site.with_skip("the norm's backward does not read its input")
-    if not consumer_reads:
-        return site.with_skip("no consumer saves the normalised output: nothing to share")
     foreign = nm.foreign_reader(x_readers, [nodes[n] for n in site.stats])
     if foreign is not None:
         return site.with_skip(f"backward reads the norm input outside the norm ({foreign.target})")
-    # The shared tensor: what the consumers' backward reads, at its lowest precision.
-    xhat_dtype = site.share_dtype
-    if cfg.norm_share_dtype == "consumer":
-        share = min((n.meta["val"].dtype for n in consumer_reads), key=lambda d: d.itemsize)
-    else:
-        share = site.dtype if site.dtype.itemsize <= xhat_dtype.itemsize else xhat_dtype
+    share = _share_dtype(site, nodes, consumer_reads, cfg)
+    if share is None:
+        return site.with_skip("no consumer saves the normalised output: nothing to share")
     return dataclasses.replace(site, share_dtype=share)
+
+
+def _share_dtype(site: NormSite, nodes: dict[str, fx.Node], consumer_reads, cfg: ApproxBPConfig):
+    """The dtype of the tensor s the norm's backward will read x̂ from, or None if nothing is gained.
+
+    ``"consumer"``: the lowest precision the consumers read x̂ in, in backward
+    (what they save) or in forward (autocast's cast before a Linear). So under
+    autocast s is bf16 even where no consumer saves anything (a frozen next
+    layer, a norm whose only backward reader is its own weight's gradient):
+    x (fp32) gives way to bf16 x̂, which the norm's backward reads rounded.
+    ``"input"``: x's own dtype where that is narrower than x̂'s, else x̂'s; only
+    where a consumer saves x̂ anyway (else s would cost what x costs).
+    docs/norm_saved_bytes.md has the bytes and the precision of both.
+    """
+    xhat_dtype = site.share_dtype
+    if cfg.norm_share_dtype == "input":
+        if not consumer_reads:
+            return None
+        return site.dtype if site.dtype.itemsize <= xhat_dtype.itemsize else xhat_dtype
+    read = [n.meta["val"].dtype for n in consumer_reads]
+    read += [nodes[n].meta["val"].dtype for n in site.chain if nodes[n].target is _convert]
+    share = min(read, key=lambda d: d.itemsize, default=None)
+    if not consumer_reads and (share is None or share.itemsize >= site.dtype.itemsize):
+        return None
+    return share
 
 
 # --------------------------------------------------------------------------- accounting

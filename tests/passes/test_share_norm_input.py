@@ -300,6 +300,35 @@ def test_nothing_to_share_keeps_inductors_bytes(form, head):
     assert ours == theirs
 
 
+@pytest.mark.parametrize("form", ["nn.LayerNorm", "nn.RMSNorm"])
+def test_under_autocast_a_norm_before_a_frozen_linear_saves_its_own_bf16_xhat(form):
+    # No consumer saves x̂ (the frozen Linear needs only its weight), but it
+    # reads x̂ in bf16 while x is fp32: saving bf16 x̂ for the norm's own
+    # backward halves what the norm keeps (the paper's MS-LN; ViT's LN2 before
+    # a frozen fc1 under LoRA). x̂ is rounded to bf16 for that backward only.
+    expected, make = NORM_FORMS[form]
+    torch.manual_seed(0)
+    model = _randomise(EmbedNorm(make(D), head="frozen"))
+    ids, g = _ids(), torch.randn(*X_SHAPE)
+    exact = _grads(model, "eager", ids, g)  # fp32, no autocast: the exact gradients
+    theirs, by_inductor = _step(model, "inductor", ids, g, autocast=torch.bfloat16)
+    torch._dynamo.reset()
+    reports = []
+    ours, by_approxbp = _step(model, "approxbp", ids, g, autocast=torch.bfloat16, reports=reports)
+    assert [(d.site.op, d.site.share_dtype, d.rewritten) for d in norm_sites(reports)] == [
+        (expected, torch.bfloat16, True)
+    ]
+    # fp32 x (4 B) gives way to bf16 x̂ (2 B); the statistics stay.
+    assert theirs - ours == TOKENS * D * 2
+    assert _cosine(by_approxbp, exact) >= LOWP_MIN_COSINE
+    assert _rel_err(by_approxbp, by_inductor) <= LOWP_MAX_REL_ERR
+    torch._dynamo.reset()
+    reports = []
+    exactly, _ = _step(model, "approxbp", ids, g, cfg=ApproxBPConfig(norm_share_dtype="input"), autocast=torch.bfloat16,
+                       reports=reports)
+    assert exactly == theirs and not any(d.rewritten for d in norm_sites(reports))
+
+
 # --------------------------------------------------------------------------- 5./6. consumers
 
 
