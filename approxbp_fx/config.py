@@ -15,6 +15,7 @@ __all__ = ["ApproxBPConfig"]
 _REWRITABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _NORM_SHARE_DTYPES = ("consumer", "input")
 _ACT_LOWERINGS = ("inductor", "kernels")
+_RECOMPUTE = ("auto", "banned", "allowed")
 
 
 @dataclass(frozen=True)
@@ -51,14 +52,17 @@ class ApproxBPConfig:
     # under autocast at twice the bytes. docs/saved_bytes.md has both measured.
     norm_share_dtype: str = "consumer"
 
-    # Partition with inductor's pointwise recompute allowed
-    # (torch._functorch.config.ban_recompute_materialized_backward=False), for
-    # the baseline and every trial alike. The partitioner may then save a
-    # GELU's input h and recompute gelu(h) for the next Linear's weight
-    # gradient (2 B/elt in bf16), which beats saving gelu(h) plus a code
-    # (2.25 B/elt); Approx-BP keeps the sites where the code alone suffices.
-    # Moves pointwise work into backward: docs/performance.md has both measured.
-    pointwise_recompute: bool = False
+    # Inductor's pointwise recompute in the partitions the rewrite is measured
+    # with (torch._functorch.config.ban_recompute_materialized_backward).
+    # "allowed": the partitioner may save a GELU's input h and recompute
+    # gelu(h) for the next Linear's weight gradient (2 B/elt in bf16), which
+    # beats saving gelu(h) plus a code (2.25 B/elt); it moves pointwise work
+    # into backward. "banned": inductor's default. "auto": partition both
+    # ways, each with its own rewrites, and keep whichever saves fewer bytes
+    # (ties: banned, which recomputes less); so approxbp never saves more
+    # than inductor with either setting. explain() says which was taken;
+    # docs/performance.md has the bytes and the compile time.
+    recompute: str = "auto"
 
     # How the code-saving activations run once the graph is partitioned.
     # "inductor": the pack and the code-driven gradient become aten ops that
@@ -77,13 +81,15 @@ class ApproxBPConfig:
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in BITS:
             raise ValueError(f"ApproxBPConfig.bits must be an int in {BITS[0]}..{BITS[-1]}, got {self.bits!r}")
-        for flag in ("save_act_codes", "share_norm_input", "pointwise_recompute", "fused_attention"):
+        for flag in ("save_act_codes", "share_norm_input", "fused_attention"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"ApproxBPConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.norm_share_dtype not in _NORM_SHARE_DTYPES:
             raise ValueError(
                 f"ApproxBPConfig.norm_share_dtype must be one of {_NORM_SHARE_DTYPES}, got {self.norm_share_dtype!r}"
             )
+        if self.recompute not in _RECOMPUTE:
+            raise ValueError(f"ApproxBPConfig.recompute must be one of {_RECOMPUTE}, got {self.recompute!r}")
         if self.act_lowering not in _ACT_LOWERINGS:
             raise ValueError(
                 f"ApproxBPConfig.act_lowering must be one of {_ACT_LOWERINGS}, got {self.act_lowering!r}"

@@ -1,8 +1,8 @@
 """``approxbp_fx.explain(model, *args)``: what the backend did to a model, and what it saved.
 
-Runs ``model`` three ways (eager, ``backend="inductor"``, ``approxbp``),
-one forward+backward each, and reports every activation site the rule
-found: op, shape, dtype, rewritten or kept exact and why, the site's saved
+Runs ``model`` four ways (eager, ``backend="inductor"``, inductor with
+pointwise recompute allowed, ``approxbp``), one forward+backward each, and
+reports every site the rules found: op, shape, dtype, rewritten or kept exact and why, the site's saved
 bytes before and after, and the total saved activation bytes of each backend.
 Gradients already on the parameters are restored afterwards.
 """
@@ -44,7 +44,11 @@ class Explanation:
     sites: list[SiteRow] = field(default_factory=list)
     eager_bytes: int = 0
     inductor_bytes: int = 0
+    # inductor with pointwise recompute allowed (ban_recompute_materialized_backward=False)
+    inductor_recompute_bytes: int = 0
     approxbp_bytes: int = 0
+    # per joint graph, the recompute approxbp partitioned it with (ApproxBPConfig.recompute)
+    recompute: list[str] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -62,8 +66,11 @@ class Explanation:
             lines.append(row.rstrip())
         if not self.sites:
             lines.append("(no activation sites found)")
+        if self.recompute:
+            lines.append(f"partitioned with pointwise recompute: {', '.join(self.recompute)}")
         lines.append(
             f"saved activation bytes: eager {self.eager_bytes}, inductor {self.inductor_bytes}, "
+            f"inductor with recompute {self.inductor_recompute_bytes}, "
             f"approxbp {self.approxbp_bytes} ({self.ratio:.3f}x inductor)"
         )
         return "\n".join(lines)
@@ -77,6 +84,16 @@ def _fresh_compiles():
 
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         yield
+
+
+def _inductor_with_recompute(gm, example_inputs):
+    """Inductor with pointwise recompute allowed: a backend of its own, so that dynamo
+    compiles anew rather than reuse the plain inductor compile of the same code."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    with functorch_config.patch(ban_recompute_materialized_backward=False):
+        return compile_fx(gm, example_inputs)
 
 
 @contextlib.contextmanager
@@ -185,7 +202,9 @@ def explain(
         run = lambda f: saved_activation_bytes(f, *example_args, params=model, loss_fn=loss_fn, **example_kwargs)
         exp.eager_bytes = run(model)
         exp.inductor_bytes = run(torch.compile(model, backend="inductor"))
+        exp.inductor_recompute_bytes = run(torch.compile(model, backend=_inductor_with_recompute))
         exp.approxbp_bytes = run(torch.compile(model, backend=backend(config, on_report=reports.append)))
+    exp.recompute = [r.recompute for r in reports]
     for r in reports:
         for d in r.sites:
             s = d.site

@@ -96,13 +96,15 @@ def _conflict(a: Site, b: Site) -> bool:
     return bool(a.writes & (b.reads | b.writes) or b.writes & a.reads)
 
 
-def _recompute_patch(cfg: ApproxBPConfig):
-    """``cfg.pointwise_recompute`` as functorch's config; a no-op when False (the user's setting stands)."""
-    if not cfg.pointwise_recompute:
-        return contextlib.nullcontext()
+# ApproxBPConfig.recompute -> the settings of ban_recompute_materialized_backward to partition with.
+_MODES = {"auto": ("banned", "allowed"), "banned": ("banned",), "allowed": ("allowed",)}
+
+
+def _recompute_patch(mode: str):
+    """One recompute mode as functorch's config, for the baseline and every trial of that mode alike."""
     from torch._functorch import config as functorch_config
 
-    return functorch_config.patch(ban_recompute_materialized_backward=False)
+    return functorch_config.patch(ban_recompute_materialized_backward=mode == "banned")
 
 
 def _losers(decisions: dict[Key, SiteDecision], chosen: set[Key], added, saved: dict[str, int], in_bw: set[str]):
@@ -202,10 +204,10 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         # lookup off (backend.py), since a hit would skip the report.
         return (type(self), (self.cfg, self.inner))
 
-    def _partition(self, gm, joint_inputs, kwargs):
-        # The baseline and every trial run under the same setting, so "never
-        # more than the baseline" holds against the partitioner actually used.
-        with _recompute_patch(self.cfg):
+    def _partition(self, gm, joint_inputs, kwargs, mode: str):
+        # The baseline and every trial of a mode run under the same setting, so
+        # "never more than the baseline" holds against the partitioner actually used.
+        with _recompute_patch(mode):
             if self.inner is not None:
                 return self.inner(gm, joint_inputs, **kwargs)
             from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -214,22 +216,34 @@ class ApproxBPPartitioner(CustomPartitionerFn):
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         sites, failure = self._find_sites(gm)
+        best = None
+        for mode in _MODES[self.cfg.recompute]:
+            result, report = self._partition_as(gm, joint_inputs, kwargs, sites, failure, mode)
+            # Strictly fewer bytes to switch: a tie keeps the earlier, banned, which recomputes less.
+            if best is None or report.final_bytes < best[1].final_bytes:
+                best = (result, report)
+        self._finish(best[1])
+        return best[0]
+
+    def _partition_as(self, gm, joint_inputs, kwargs, sites, failure, mode: str) -> tuple[tuple, GraphReport]:
+        """The partition with ``mode``'s recompute: rewritten where it pays, or exact."""
         if failure is None and any(s.skip is None for _, s in sites):
             # The baseline partitions the untouched graph: if the partitioner
             # fails on that, inductor alone would fail too, so it may raise.
-            baseline = self._partition(_copy(gm), joint_inputs, kwargs)
+            baseline = self._partition(_copy(gm), joint_inputs, kwargs, mode)
             try:
-                result, report = self._rewrite(gm, joint_inputs, kwargs, sites, baseline)
+                result, report = self._rewrite(gm, joint_inputs, kwargs, sites, baseline, mode)
             except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
                 result, failure = baseline, err
             else:
-                self._finish(report)
-                return result
+                report.recompute = mode
+                return result, report
         else:
-            result = self._partition(gm, joint_inputs, kwargs)
+            result = self._partition(_copy(gm), joint_inputs, kwargs, mode)
         saved = sum(saved_tensors(result[1], gm, kwargs.get("static_lifetime_input_indices")).values())
-        self._finish(self._exact_report(sites, failure, saved))
-        return result
+        report = self._exact_report(sites, failure, saved)
+        report.recompute = mode
+        return result, report
 
     def _find_sites(self, gm: fx.GraphModule) -> tuple[list[tuple[str, Site]], Exception | None]:
         try:
@@ -253,7 +267,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         log.debug("approxbp: the rewrite failed", exc_info=failure)
         return report
 
-    def _rewrite(self, gm, joint_inputs, kwargs, sites, baseline) -> tuple[tuple, GraphReport]:
+    def _rewrite(self, gm, joint_inputs, kwargs, sites, baseline, mode: str) -> tuple[tuple, GraphReport]:
         """Keep the sites predicted to pay, then measure them with the real partitioner until none loses."""
         static = kwargs.get("static_lifetime_input_indices")
         base_saved = saved_tensors(baseline[1], gm, static)
@@ -263,7 +277,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         chosen = {k for k, d in decisions.items() if d.rewritten}
         while chosen:
             trial, added = self._apply(gm, decisions, chosen)
-            fw, bw = self._partition(trial, joint_inputs, kwargs)
+            fw, bw = self._partition(trial, joint_inputs, kwargs, mode)
             saved = saved_tensors(bw, trial, static)
             losers = _losers(decisions, chosen, added, saved, {n.name for n in bw.graph.nodes})
             if not losers and sum(saved.values()) <= report.baseline_bytes:

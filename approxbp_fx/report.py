@@ -51,6 +51,8 @@ class GraphReport:
     sites: list[SiteDecision] = field(default_factory=list)
     baseline_bytes: int = 0
     final_bytes: int = 0
+    # The pointwise recompute the graph was partitioned with: "banned" or "allowed" (ApproxBPConfig.recompute).
+    recompute: str = "banned"
 
     def counts(self, rules) -> list[tuple[str, int, int]]:
         """``(rule, rewritten, found)`` for each rule name in ``rules``."""
@@ -83,7 +85,8 @@ def log_report(report: GraphReport, rules) -> None:
         rewritten = sum(done for _, done, _ in counts)
         base, final = report.baseline_bytes, report.final_bytes
         log.info(
-            "approxbp: sites found %d, rewritten %d, kept exact %d (%s); saved activation bytes %d -> %d (%.3fx)",
+            "approxbp: sites found %d, rewritten %d, kept exact %d (%s); saved activation bytes %d -> %d (%.3fx); "
+            "pointwise recompute %s",
             len(report.sites),
             rewritten,
             len(report.sites) - rewritten,
@@ -91,4 +94,5 @@ def log_report(report: GraphReport, rules) -> None:
             base,
             final,
             final / base if base else 1.0,
+            report.recompute,
         )

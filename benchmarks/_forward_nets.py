@@ -101,11 +101,11 @@ class ForwardSpec:
     x_scale: float = 4.0
     specials: tuple = ()  # ((flat index into x, value), ...)
     bits: int = 2
-    pointwise_recompute: bool = False
+    recompute: str = "auto"  # ApproxBPConfig.recompute; the peer recomputes iff "allowed"
     seed: int = 0
 
     def config(self) -> ApproxBPConfig:
-        return ApproxBPConfig(bits=self.bits, pointwise_recompute=self.pointwise_recompute)
+        return ApproxBPConfig(bits=self.bits, recompute=self.recompute)
 
     @property
     def d_in(self) -> int:
@@ -228,7 +228,7 @@ def forward_specs(draw, dtypes=DTYPES) -> ForwardSpec:
         x_scale=draw(st.sampled_from((30.0, 4.0, 100.0, 1.0))),
         specials=tuple(specials),
         bits=draw(st.integers(1, 4)),
-        pointwise_recompute=draw(st.booleans()),
+        recompute=draw(st.sampled_from(("auto", "banned", "allowed"))),
         seed=draw(st.integers(0, 2**16)),
     )
 

@@ -84,7 +84,7 @@ def _run(fn, model: nn.Module, x: torch.Tensor, g: torch.Tensor, spec: NetSpec) 
 def compile_env(spec: NetSpec, recompute: bool = False):
     """Every compile runs the partitioner (no AOTAutograd cache: it would skip the
     report), with eager-order RNG where dropout is live, and, for the inductor
-    peer of ``pointwise_recompute=True``, recompute allowed as our partitioner has it."""
+    peer of ``recompute="allowed"``, recompute allowed as our partitioner has it."""
     from torch._functorch import config as functorch_config
     from torch._inductor import config as inductor_config
 
@@ -187,7 +187,7 @@ def check(spec: NetSpec, tier: str = "inductor") -> dict:
     model, x, g = build(spec)
     reports: list = []
     peer, mine = _backends(spec, tier, reports)
-    with compile_env(spec, recompute=spec.pointwise_recompute and tier == "inductor"):
+    with compile_env(spec, recompute=spec.recompute == "allowed" and tier == "inductor"):
         theirs = _run(torch.compile(model, backend=peer), model, x, g, spec)
     with compile_env(spec):
         ours = _run(torch.compile(model, backend=mine), model, x, g, spec)
@@ -218,7 +218,7 @@ def _backends(spec: NetSpec, tier: str, reports: list):
     if tier == "inductor":
         return "inductor", approxbp_fx.backend(cfg, on_report=reports.append)
     if tier == "aot_eager":
-        no_rules = dataclasses.replace(_NO_RULES, pointwise_recompute=spec.pointwise_recompute)
+        no_rules = dataclasses.replace(_NO_RULES, recompute=spec.recompute)
         peer = approxbp_fx.backend(no_rules, compiler="aot_eager")
         return peer, approxbp_fx.backend(cfg, compiler="aot_eager", on_report=reports.append)
     raise ValueError(tier)

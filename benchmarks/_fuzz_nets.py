@@ -86,13 +86,13 @@ class NetSpec:
     dtype: str  # one of DTYPES; "autocast" is float32 weights under CPU bf16 autocast
     input_grad: bool
     bits: int = 2
-    pointwise_recompute: bool = False
+    recompute: str = "auto"  # ApproxBPConfig.recompute; the peer recomputes iff "allowed"
     norm_share_dtype: str = "consumer"
     seed: int = 0
 
     def config(self) -> ApproxBPConfig:
         return ApproxBPConfig(
-            bits=self.bits, pointwise_recompute=self.pointwise_recompute, norm_share_dtype=self.norm_share_dtype
+            bits=self.bits, recompute=self.recompute, norm_share_dtype=self.norm_share_dtype
         )
 
     @property
@@ -137,7 +137,7 @@ def net_specs(draw, max_blocks: int = 4, dtypes=DTYPES) -> NetSpec:
         dtype=draw(st.sampled_from(dtypes)),
         input_grad=draw(st.booleans()),
         bits=draw(st.integers(1, 4)),
-        pointwise_recompute=draw(st.booleans()),
+        recompute=draw(st.sampled_from(("auto", "banned", "allowed"))),
         norm_share_dtype=draw(st.sampled_from(("consumer", "input"))),
         seed=draw(st.integers(0, 2**16)),
     )

@@ -55,7 +55,10 @@ def arm_name(bits: int) -> str:
 def compile_arm(model: torch.nn.Module, arm: str, reports: list):
     if arm == EXACT:
         return torch.compile(model, backend="inductor")
-    cfg = ApproxBPConfig(bits=int(arm.removeprefix("approxbp_b")))
+    # recompute="banned": the arms measure the approximation wherever it pays
+    # against inductor's default partition. Under the default "auto" a GELU
+    # whose consumer is trainable may go to pointwise recompute and stay exact.
+    cfg = ApproxBPConfig(bits=int(arm.removeprefix("approxbp_b")), recompute="banned")
     return torch.compile(model, backend=approxbp_fx.backend(cfg, on_report=reports.append))
 
 

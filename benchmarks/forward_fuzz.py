@@ -76,7 +76,7 @@ def _simpler(spec: ForwardSpec):
         yield dataclasses.replace(spec, chain=chain)
     for branch in _simpler_chains(spec.branch or ()):
         yield dataclasses.replace(spec, branch=branch)
-    for field, plain in [("fc1", False), ("fc2", "none"), ("dtype", "float32"), ("pointwise_recompute", False),
+    for field, plain in [("fc1", False), ("fc2", "none"), ("dtype", "float32"), ("recompute", "auto"),
                          ("bits", 2), ("combine", "add"), ("tokens", (1, 8)), ("width", 7), ("x_scale", 4.0)]:
         if getattr(spec, field) != plain:
             yield _fit(dataclasses.replace(spec, **{field: plain}))

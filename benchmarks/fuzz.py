@@ -45,7 +45,7 @@ def _simpler(spec: NetSpec):
     if len(blocks) > 1:
         for i in range(len(blocks)):
             yield dataclasses.replace(spec, blocks=blocks[:i] + blocks[i + 1 :])
-    for field, plain in [("dtype", "float32"), ("pointwise_recompute", False), ("bits", 2), ("input_grad", True),
+    for field, plain in [("dtype", "float32"), ("recompute", "auto"), ("bits", 2), ("input_grad", True),
                          ("norm_share_dtype", "consumer"), ("tokens", (2, 33))]:
         if getattr(spec, field) != plain:
             yield dataclasses.replace(spec, **{field: plain})

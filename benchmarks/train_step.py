@@ -72,7 +72,7 @@ def _compile(model, backend: str):
     if backend == "approxbp_kernels":  # our Triton custom ops instead of inductor-generated pack/unpack
         return torch.compile(model, backend="approxbp", options={"act_lowering": "kernels"})
     if backend == "approxbp_recompute":
-        return torch.compile(model, backend="approxbp", options={"pointwise_recompute": True})
+        return torch.compile(model, backend="approxbp", options={"recompute": "allowed"})
     return torch.compile(model, backend="inductor")
 
 

@@ -51,11 +51,21 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+# The config a test gets when it names none. Most tests exercise the rules
+# themselves, measured against inductor's default partition. Under the
+# product's default, recompute="auto", a site whose consumer is trainable
+# often goes to pointwise recompute instead (fewer bytes, no rewrite): tests
+# of that choice pass ApproxBPConfig() explicitly.
+RULES_VS_INDUCTOR = ApproxBPConfig(recompute="banned")
+
+
 def compiled(model, tier: str, cfg: ApproxBPConfig | None = None, reports: list | None = None, dynamic=None):
     """``model`` at one rung of the climb: eager -> aot_eager -> inductor -> approxbp.
 
-    ``dynamic`` is ``torch.compile``'s (None: automatic dynamic).
+    ``cfg`` None: :data:`RULES_VS_INDUCTOR`. ``dynamic`` is ``torch.compile``'s
+    (None: automatic dynamic).
     """
+    cfg = RULES_VS_INDUCTOR if cfg is None else cfg
     on_report = reports.append if reports is not None else None
     if tier == "eager":
         return model

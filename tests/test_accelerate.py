@@ -16,7 +16,7 @@ from torch import nn
 
 import approxbp_fx
 from approxbp_fx.measure import count_saved_bytes
-from tests.conftest import MLP, NormBlock
+from tests.conftest import MLP, RULES_VS_INDUCTOR, NormBlock
 
 accelerate = pytest.importorskip("accelerate")
 
@@ -89,7 +89,7 @@ def _check(ours: dict, theirs: dict) -> None:
 
 
 def test_accelerator_inductor_under_enable_trains_and_saves_less(inductor_run):
-    approxbp_fx.enable()
+    approxbp_fx.enable(RULES_VS_INDUCTOR)
     try:
         ours = train(dynamo_backend="inductor")
     finally:
@@ -98,11 +98,12 @@ def test_accelerator_inductor_under_enable_trains_and_saves_less(inductor_run):
 
 
 def test_accelerate_env_with_auto_env_in_a_fresh_process(inductor_run):
-    # What a user runs: `APPROXBP_FX_AUTO=1 ACCELERATE_DYNAMO_BACKEND=inductor python train.py`.
+    # What a user runs: `APPROXBP_FX_AUTO=1 ACCELERATE_DYNAMO_BACKEND=inductor python train.py` (here with
+    # recompute=banned: the checks count rewrites of sites that pointwise recompute would otherwise take).
     # The script names neither approxbp nor a backend; `import torch` enables the rewrite.
     # AOTAutograd's on-disk cache would serve an earlier run's graph without
     # calling the partitioner, and so without counting the rewrites.
-    env = {**os.environ, "APPROXBP_FX_AUTO": "1", "ACCELERATE_DYNAMO_BACKEND": "inductor",
+    env = {**os.environ, "APPROXBP_FX_AUTO": "recompute=banned", "ACCELERATE_DYNAMO_BACKEND": "inductor",
            "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("TORCH_DEVICE_BACKEND_AUTOLOAD", None)

@@ -28,7 +28,8 @@ from approxbp_fx import ApproxBPConfig
         ({"activations": "gelu"}, TypeError, "not a single string"),
         ({"dtypes": {torch.float64}}, ValueError, "cannot be approximated"),
         ({"save_act_codes": 1}, TypeError, "must be a bool"),
-        ({"pointwise_recompute": "yes"}, TypeError, "must be a bool"),
+        ({"recompute": True}, ValueError, "recompute must be one of"),
+        ({"fused_attention": "yes"}, TypeError, "must be a bool"),
         ({"act_lowering": "triton"}, ValueError, "act_lowering must be one of"),
     ],
 )
@@ -71,7 +72,7 @@ def test_partitioner_uuid_tracks_config():
     a = ApproxBPPartitioner(ApproxBPConfig(bits=2)).uuid()
     assert a == ApproxBPPartitioner(ApproxBPConfig(bits=2)).uuid()
     assert a != ApproxBPPartitioner(ApproxBPConfig(bits=3)).uuid()
-    assert a != ApproxBPPartitioner(ApproxBPConfig(pointwise_recompute=True)).uuid()
+    assert a != ApproxBPPartitioner(ApproxBPConfig(recompute="allowed")).uuid()
     assert a != ApproxBPPartitioner(ApproxBPConfig(act_lowering="kernels")).uuid()
 
 
@@ -82,7 +83,7 @@ _OTHER_VALUE = {
     "fused_attention": False,
     "share_norm_input": False,
     "norm_share_dtype": "input",
-    "pointwise_recompute": True,
+    "recompute": "allowed",
     "act_lowering": "kernels",
     "activations": frozenset({"gelu"}),
     "dtypes": frozenset({torch.float32}),

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import approxbp_fx
-from tests.conftest import MLP, NormBlock
+from tests.conftest import MLP, RULES_VS_INDUCTOR, NormBlock
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -79,7 +79,7 @@ def _worker(rank: int, init: str, out: str) -> None:
         net, x = _net_and_batch()
         reports = []
         try:
-            model = _wrap(kind, net, approxbp_fx.backend(on_report=reports.append))
+            model = _wrap(kind, net, approxbp_fx.backend(RULES_VS_INDUCTOR, on_report=reports.append))
             model(x.chunk(WORLD)[rank]).pow(2).mean().backward()
             # FSDP2 leaves each rank a DTensor shard; full_tensor() all-gathers it.
             grads = {n: p.grad.full_tensor() if kind == "fsdp2" else p.grad for n, p in net.named_parameters()}
@@ -107,7 +107,7 @@ def single_process():
     torch._dynamo.reset()
     net, x = _net_and_batch()
     reports = []
-    torch.compile(net, backend=approxbp_fx.backend(on_report=reports.append))(x).pow(2).mean().backward()
+    torch.compile(net, backend=approxbp_fx.backend(RULES_VS_INDUCTOR, on_report=reports.append))(x).pow(2).mean().backward()
     return {n: p.grad for n, p in net.named_parameters()}, reports
 
 

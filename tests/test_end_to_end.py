@@ -259,6 +259,8 @@ def test_pointwise_recompute_never_above_inductor_with_recompute():
     # With recompute allowed, inductor saves GELU's input and recomputes
     # gelu(h) for fc2's weight gradient, cheaper than gelu(h) plus a code; the
     # baseline we measure against must be that partition, and we stay below it.
+    # recompute="auto" (the default) takes whichever of the two partitions
+    # saves less, and says which.
     from torch._functorch import config as functorch_config
 
     torch.manual_seed(0)
@@ -267,9 +269,15 @@ def test_pointwise_recompute_never_above_inductor_with_recompute():
     with functorch_config.patch(ban_recompute_materialized_backward=False):
         peer = saved_bytes(model, "inductor", x)
     torch._dynamo.reset()
-    banned = saved_bytes(model, "approxbp", x)
+    inductor = saved_bytes(model, "inductor", x)
     torch._dynamo.reset()
-    ours = saved_bytes(model, "approxbp", x, cfg=ApproxBPConfig(pointwise_recompute=True))
-    assert ours <= peer < banned, (ours, peer, banned)
+    banned = saved_bytes(model, "approxbp", x, cfg=ApproxBPConfig(recompute="banned"))
+    torch._dynamo.reset()
+    allowed = saved_bytes(model, "approxbp", x, cfg=ApproxBPConfig(recompute="allowed"))
+    torch._dynamo.reset()
+    reports = []
+    auto = saved_bytes(model, "approxbp", x, cfg=ApproxBPConfig(), reports=reports)
+    assert allowed <= peer < banned <= inductor, (allowed, peer, banned, inductor)
+    assert auto == min(banned, allowed) and [r.recompute for r in reports] == ["allowed"]
     # The setting is scoped to our partitioner calls; the user's stays as it was.
     assert functorch_config.ban_recompute_materialized_backward is True

@@ -8,6 +8,7 @@ import torch
 
 import approxbp_fx
 from approxbp_fx.measure import count_saved_bytes
+from tests.conftest import RULES_VS_INDUCTOR
 
 transformers = pytest.importorskip("transformers")
 
@@ -47,7 +48,7 @@ def _train(build, auto: bool, tmp_path):
     torch.manual_seed(0)
     model, make = build()
     if auto:
-        approxbp_fx.enable()
+        approxbp_fx.enable(RULES_VS_INDUCTOR)
     saved = []
 
     class Measured(Trainer):  # the test measures; the pipeline itself is stock

@@ -324,7 +324,7 @@ def test_under_autocast_a_norm_before_a_frozen_linear_saves_its_own_bf16_xhat(fo
     assert _rel_err(by_approxbp, by_inductor) <= LOWP_MAX_REL_ERR
     torch._dynamo.reset()
     reports = []
-    exactly, _ = _step(model, "approxbp", ids, g, cfg=ApproxBPConfig(norm_share_dtype="input"), autocast=torch.bfloat16,
+    exactly, _ = _step(model, "approxbp", ids, g, cfg=ApproxBPConfig(norm_share_dtype="input", recompute="banned"), autocast=torch.bfloat16,
                        reports=reports)
     assert exactly == theirs and not any(d.rewritten for d in norm_sites(reports))
 
@@ -390,7 +390,7 @@ def test_rule_switched_off_finds_no_norm_sites():
     torch.manual_seed(0)
     model = NormBlock(nn.LayerNorm(D))
     reports = []
-    ours = saved_bytes(model, "approxbp", _x(), cfg=ApproxBPConfig(share_norm_input=False), reports=reports)
+    ours = saved_bytes(model, "approxbp", _x(), cfg=ApproxBPConfig(share_norm_input=False, recompute="banned"), reports=reports)
     assert reports and norm_sites(reports) == []
     assert rewrites("share_norm_input") == 0 and kept_exact("share_norm_input") == 0
     assert ours == saved_bytes(model, "inductor", _x())
@@ -412,7 +412,7 @@ def test_norm_share_dtype_input_is_exact_under_autocast(form):
     assert [(d.site.share_dtype, d.rewritten) for d in norm_sites(reports)] == [(torch.bfloat16, True)]
     torch._dynamo.reset()
     reports = []
-    cfg = ApproxBPConfig(norm_share_dtype="input")
+    cfg = ApproxBPConfig(norm_share_dtype="input", recompute="banned")
     by_input, inputs = _step(model, "approxbp", ids, g, cfg=cfg, autocast=ac, reports=reports)
     assert [(d.site.share_dtype, d.rewritten) for d in norm_sites(reports)] == [(torch.float32, True)]
     # The figures, in every failure message (docs/saved_bytes.md has them measured).
