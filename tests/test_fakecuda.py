@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from benchmarks import train_step
+from benchmarks import fakecuda_validate, train_step
 from benchmarks._fakecuda import native, rerun, sdpa
 
 needs_native = pytest.mark.skipif(
@@ -89,3 +89,17 @@ def test_train_step_fake_cuda_cell_end_to_end(tmp_path):
     # One ViT layer at hidden 192, batch 2: eager saves 2.09 MiB (the same run on 2026-11-26).
     assert eager["saved_bytes"] == pytest.approx(2_194_804, rel=1e-3)
     assert inductor["saved_bytes"] < eager["saved_bytes"]
+
+
+def test_validation_compares_every_reference_cell():
+    ref = {"cells": {"m|s|p|a": {"batch": 8, "seq": 16, "saved_bytes": 1000}, "m|s|p|b": {"batch": 8, "seq": 16,
+           "saved_bytes": 2000}, "m|s|p|c": {"batch": 8, "seq": 16, "saved_bytes": 3000}, "m|s|p|oom": {"error": "x"}}}
+    fake = {"cells": {"m|s|p|a": {"batch": 8, "seq": 16, "saved_bytes": 1005},
+                      "m|s|p|b": {"batch": 4, "seq": 16, "saved_bytes": 1000}}}
+    rows = fakecuda_validate.compare(ref, fake)
+    assert [r["cell"] for r in rows] == ["m / s / p / a", "m / s / p / b", "m / s / p / c"]
+    assert rows[0]["ratio"] == pytest.approx(1.005)
+    assert rows[1]["ratio"] is None and "batch" in rows[1]["problem"]
+    assert rows[2]["problem"] == "not measured"
+    assert [r["cell"] for r in fakecuda_validate.failures(rows, 0.01)] == ["m / s / p / b", "m / s / p / c"]
+    assert fakecuda_validate.failures(rows[:1], 0.001) == rows[:1]
