@@ -3,11 +3,15 @@
     python -m benchmarks.train_step --tag h100                  # the GPU grid (CUDA)
     python -m benchmarks.train_step --tag cpu --device cpu --layers 2 --width-div 4 --vocab 4096 \
         --batch 2 --seq 63 --steps 0 --warmup 1                 # saved bytes only, on CPU
+    python -m benchmarks.train_step --tag fakecuda_tf524 --device fake-cuda   # CUDA's saved bytes, no GPU
 
 A step is forward, backward and an AdamW step over the trainable parameters.
 Each cell measures:
 
-* saved activation bytes of one step (``approxbp_fx.measure``; device-independent);
+* saved activation bytes of one step (``approxbp_fx.measure``). They depend on the
+  device (autocast's op lists, the attention kernel, inductor's choices):
+  ``--device fake-cuda`` measures CUDA's on any machine (``benchmarks/_fakecuda``;
+  needs g++ once), and only them: its cells have no time, throughput or peak;
 * on CUDA: peak memory (``torch.cuda.max_memory_allocated``, reset after
   warm-up), the median of ``--steps`` CUDA-synchronised steps, tokens or images
   per second, and compile time (the first step's time less a median step).
@@ -43,6 +47,8 @@ import torch
 from approxbp_fx.measure import saved_activation_bytes
 from approxbp_fx.eager import swap_modules
 
+from . import _fakecuda as fakecuda
+from ._fakecuda import FAKE_CUDA
 from ._models import MODELS, SCENARIOS, apply_scenario
 from ._report import ROOT, provenance
 from .kernels import copy_bandwidth
@@ -50,6 +56,9 @@ from .kernels import copy_bandwidth
 PRECISIONS = ("bf16", "amp")
 BACKENDS = ("eager", "inductor", "inductor_recompute", "inductor_budget0.5", "reference_eager", "approxbp",
             "approxbp_kernels", "approxbp_recompute")
+FAKE_NOTE = ("Saved activation bytes measured on fake CUDA (benchmarks/_fakecuda): FakeTensors on device 'cuda' "
+             "through the unchanged torch.compile pipeline, inductor's code generation replaced by running the "
+             "partitioned graphs on fake tensors. No time, throughput or peak memory is measured.")
 # Peers that recompute no matmul: approxbp's peak must beat each of them.
 NO_MATMUL_RECOMPUTE = ("eager", "inductor", "inductor_recompute")
 
@@ -81,24 +90,56 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _model(spec, scenario: str, precision: str, args) -> torch.nn.Module:
+    """The cell's model, in train mode: bf16 weights, or fp32 weights for autocast."""
+    torch.manual_seed(0)
+    model = apply_scenario(spec.build(args.layers, args.vocab, args.width_div), spec, scenario)
+    return (model if precision == "amp" else model.to(torch.bfloat16)).train()
+
+
+def _prepare(model, backend: str, row: dict):
+    """The module swaps (reference_eager) and the compile the backend needs."""
+    if backend == "reference_eager":
+        row["swapped"] = swap_modules(model)
+    return _compile(model, backend)
+
+
+def _fake_cuda_cell(spec, scenario: str, precision: str, backend: str, args, batch: int, seq: int) -> dict:
+    """Saved bytes only, on fake CUDA (benchmarks/_fakecuda): nothing is timed, nothing peaks."""
+    from torch._dynamo.utils import counters
+
+    from ._fakecuda import cell
+
+    amp = precision == "amp"
+    row: dict = {"batch": batch, "seq": seq}
+    gen = torch.Generator().manual_seed(1)
+    counters.clear()
+    with _functorch_patches(backend):
+        row.update(cell.measure(
+            build=lambda: _model(spec, scenario, precision, args),
+            prepare=lambda model: _prepare(model, backend, row),
+            inputs=lambda model: spec.inputs(model.config, batch, seq, torch.float32 if amp else torch.bfloat16,
+                                             torch.device("meta"), gen),
+            amp=amp, compiled=backend not in ("eager", "reference_eager")))
+    if backend.startswith("approxbp"):
+        row["rewritten"] = {k: v for k, v in counters["approxbp"].items() if v}
+    return row
+
+
 def run_cell(model_name: str, scenario: str, precision: str, backend: str, args) -> dict:
     """One cell, measured; raises on failure (the caller records it)."""
     from torch._dynamo.utils import counters
 
     spec = MODELS[model_name]
-    device = torch.device(args.device)
     batch = args.batch or spec.batch
     seq = spec.seq if spec.unit == "images" else (args.seq or spec.seq)
-    torch.manual_seed(0)
-    model = apply_scenario(spec.build(args.layers, args.vocab, args.width_div), spec, scenario).to(device)
+    if args.device == FAKE_CUDA:
+        return _fake_cuda_cell(spec, scenario, precision, backend, args, batch, seq)
+    device = torch.device(args.device)
+    model = _model(spec, scenario, precision, args).to(device)
     amp = precision == "amp"
-    if not amp:
-        model = model.to(torch.bfloat16)
-    model.train()
     row: dict = {"batch": batch, "seq": seq}
-    if backend == "reference_eager":
-        row["swapped"] = swap_modules(model)
-    fn = _compile(model, backend)
+    fn = _prepare(model, backend, row)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-5)
     inputs = spec.inputs(model.config, batch, seq, torch.float32 if amp else torch.bfloat16, device,
@@ -155,11 +196,14 @@ def _meta(args, argv) -> tuple[dict, str]:
     import peft
     import transformers
 
-    meta, command = provenance("train_step", argv, args.device)
+    fake = args.device == FAKE_CUDA
+    meta, command = provenance("train_step", argv, "cpu" if fake else args.device)
     meta.update(transformers=transformers.__version__, peft=peft.__version__, device=args.device,
                 layers=args.layers, vocab=args.vocab, width_div=args.width_div, steps=args.steps,
                 warmup=args.warmup, threads=torch.get_num_threads())
-    if torch.device(args.device).type == "cuda":
+    if fake:
+        meta.update(machine=f"fake CUDA (H100, sm90) on {meta['machine']}", steps=None, warmup=None, note=FAKE_NOTE)
+    elif torch.device(args.device).type == "cuda":
         meta["copy_bandwidth_GBps"] = round(copy_bandwidth(torch.device(args.device), 1 << 28, 20), 1)
     return meta, command
 
@@ -194,7 +238,7 @@ def _run_grid(args, cells: dict, path: Path, meta: dict, commands: list[str]) ->
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tag", required=True, help="names the results file, e.g. h100, cpu")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help=f"cuda, cpu, or {FAKE_CUDA} (CUDA saved bytes, no GPU needed)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--scenarios", nargs="+", default=list(SCENARIOS), choices=SCENARIOS)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
@@ -212,8 +256,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error("--warmup must be at least 1: the first step compiles")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda but no CUDA device; pass --device cpu (saved bytes only)")
+    if args.device == FAKE_CUDA:
+        if not fakecuda.native.active():  # the hooks must load before torch: measure in a child
+            return fakecuda.rerun("benchmarks.train_step", sys.argv[1:] if argv is None else list(argv))
+        from ._fakecuda import device
+
+        device.install()
+    elif torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda but no CUDA device; pass --device cpu or fake-cuda (saved bytes only)")
 
     from torch._functorch import config as fc
     from torch._inductor import config as ic
@@ -224,6 +274,9 @@ def main(argv=None) -> int:
     commands = [command]
     if args.resume and path.exists():
         old = json.loads(path.read_text())
+        changed = [k for k in ("device", "torch", "transformers") if old["meta"].get(k) != meta[k]]
+        if changed:  # one file, one setting: cells measured under another would be mislabelled
+            p.error(f"--resume: {path.name} was measured with another {', '.join(changed)}; use another --tag")
         cells = old["cells"]
         commands = old.get("commands", [old["command"]]) + commands
     # Cold compiles for every backend, and no cached graph crossing between backends.
