@@ -46,6 +46,10 @@ class ApproxBPConfig:
     # backward reads the normalised tensor its consumers save, not its input.
     share_norm_input: bool = True
 
+    # Bool masks that backward reads (dropout's) saved 8 to a byte
+    # (passes/pack_bool_masks.py). Exact.
+    pack_bool_masks: bool = True
+
     # The dtype of that shared tensor. "consumer": the one the following
     # layers read (bf16 under autocast), which shares one tensor and rounds x̂
     # to bf16 for the norm's backward; "input": the norm input's dtype, exact
@@ -81,7 +85,7 @@ class ApproxBPConfig:
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in BITS:
             raise ValueError(f"ApproxBPConfig.bits must be an int in {BITS[0]}..{BITS[-1]}, got {self.bits!r}")
-        for flag in ("save_act_codes", "share_norm_input", "fused_attention"):
+        for flag in ("save_act_codes", "share_norm_input", "fused_attention", "pack_bool_masks"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"ApproxBPConfig.{flag} must be a bool, got {getattr(self, flag)!r}")
         if self.norm_share_dtype not in _NORM_SHARE_DTYPES:

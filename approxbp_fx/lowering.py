@@ -44,11 +44,14 @@ from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .kernels.act_codes import act_pack_torch, code_grad_torch
+from .kernels.bit_masks import pack_bits_torch, unpack_bits_torch
 
 __all__ = ["lower"]
 
 _act_pack = torch.ops.approxbp.act_pack.default
 _code_grad = torch.ops.approxbp.code_grad.default
+_pack_bits = torch.ops.approxbp.pack_bits.default
+_unpack_bits = torch.ops.approxbp.unpack_bits.default
 
 
 @functools.lru_cache(maxsize=1)
@@ -68,18 +71,64 @@ def _trace(fn, vals) -> fx.GraphModule:
         return make_fx(fn, decomposition_table=_decompositions(), tracing_mode="real")(*vals)
 
 
-def _inline(graph: fx.Graph, node: fx.Node, traced: fx.GraphModule, inputs: list[fx.Node]):
-    """Copy ``traced``'s nodes before ``node``, fed by ``inputs``; returns its output value."""
-    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
-    env = dict(zip(placeholders, inputs))
-    with graph.inserting_before(node):
-        return graph.graph_copy(traced.graph, env)
+class _Traces:
+    """The traces of one graph's lowering, reused across calls with the same signature.
+
+    A model calls each op with the same shapes once a layer, and tracing is
+    most of the lowering's cost (about 75 ms a call on CPU), so the second
+    call of a signature copies the first's graph instead. Only signatures
+    with concrete sizes are kept: a SymInt is not hashable, and its trace
+    holds the graph's symbols. A copy must not share the trace's fake values
+    (alias analysis reads their storages), so it re-runs them (:meth:`inline`).
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, fx.GraphModule] = {}
+
+    @staticmethod
+    def _signature(static: tuple | None, vals: list) -> tuple | None:
+        if static is None:
+            return None
+        sig = [static]
+        for v in vals:
+            dims = (*v.shape, *v.stride())
+            if not all(isinstance(d, int) for d in dims):
+                return None
+            sig.append((tuple(v.shape), v.stride(), v.dtype, v.device))
+        return tuple(sig)
+
+    def inline(self, graph: fx.Graph, node: fx.Node, fn, inputs: list[fx.Node], static: tuple | None):
+        """``fn(*inputs)`` as aten ops before ``node``; returns the output value (node or nodes)."""
+        vals = [n.meta["val"] for n in inputs]
+        key = self._signature(static, vals)
+        traced = self._cache.get(key) if key is not None else None
+        reused = traced is not None
+        if not reused:
+            traced = _trace(fn, vals)
+            if key is not None:
+                self._cache[key] = traced
+        placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+        env = dict(zip(placeholders, inputs))
+        with graph.inserting_before(node):
+            out = graph.graph_copy(traced.graph, env)
+        if reused:
+            _refake([env[n] for n in traced.graph.nodes if n.op == "call_function"])
+        return out
 
 
-def _lower_act_pack(graph: fx.Graph, node: fx.Node) -> None:
+def _refake(nodes: list[fx.Node]) -> None:
+    """Fresh fake values for copied nodes, in order: views alias their own bases, nothing else."""
+    mode = torch._guards.detect_fake_mode([n.meta["val"] for n in nodes])
+    with mode:
+        for n in nodes:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: a.meta["val"])
+            n.meta["val"] = n.target(*args, **kwargs)
+
+
+def _lower_act_pack(graph: fx.Graph, node: fx.Node, traces: _Traces) -> None:
     x, thresholds, bits = node.args
     fn = lambda t: act_pack_torch(t, thresholds, bits)  # noqa: E731
-    outs = _inline(graph, node, _trace(fn, [x.meta["val"]]), [x])
+    outs = traces.inline(graph, node, fn, [x], ("act_pack", tuple(thresholds), bits))
     for user in list(node.users):
         # The rewrite reads the op's outputs only through getitem.
         assert user.target is operator.getitem, user
@@ -88,23 +137,43 @@ def _lower_act_pack(graph: fx.Graph, node: fx.Node) -> None:
     graph.erase_node(node)
 
 
-def _lower_code_grad(graph: fx.Graph, node: fx.Node) -> None:
-    g, codes, nonfinite, levels, bits, out_dtype = node.args
-    fn = lambda a, c, f: code_grad_torch(a, c, f, levels, bits, out_dtype)  # noqa: E731
-    inputs = [g, codes, nonfinite]
-    dx = _inline(graph, node, _trace(fn, [n.meta["val"] for n in inputs]), inputs)
-    node.replace_all_uses_with(dx)
+def _replace(graph: fx.Graph, node: fx.Node, traces: _Traces, fn, inputs: list[fx.Node], static: tuple | None) -> None:
+    """``node`` (one output) replaced by ``fn(*inputs)`` traced to aten ops."""
+    node.replace_all_uses_with(traces.inline(graph, node, fn, inputs, static))
     graph.erase_node(node)
 
 
-_LOWERINGS = {_act_pack: _lower_act_pack, _code_grad: _lower_code_grad}
+def _lower_code_grad(graph: fx.Graph, node: fx.Node, traces: _Traces) -> None:
+    g, codes, nonfinite, levels, bits, out_dtype = node.args
+    fn = lambda a, c, f: code_grad_torch(a, c, f, levels, bits, out_dtype)  # noqa: E731
+    _replace(graph, node, traces, fn, [g, codes, nonfinite], ("code_grad", tuple(levels), bits, out_dtype))
+
+
+def _lower_pack_bits(graph: fx.Graph, node: fx.Node, traces: _Traces) -> None:
+    _replace(graph, node, traces, pack_bits_torch, [node.args[0]], ("pack_bits",))
+
+
+def _lower_unpack_bits(graph: fx.Graph, node: fx.Node, traces: _Traces) -> None:
+    packed, shape = node.args
+    static = ("unpack_bits", tuple(shape)) if all(isinstance(s, int) for s in shape) else None
+    fn = lambda p: unpack_bits_torch(p, shape)  # noqa: E731
+    _replace(graph, node, traces, fn, [packed], static)
+
+
+_LOWERINGS = {
+    _act_pack: _lower_act_pack,
+    _code_grad: _lower_code_grad,
+    _pack_bits: _lower_pack_bits,
+    _unpack_bits: _lower_unpack_bits,
+}
 
 
 def lower(gm: fx.GraphModule) -> int:
-    """Replace every ``act_pack`` / ``code_grad`` call in ``gm`` in place; returns how many."""
+    """Replace every call of our ops (act_pack, code_grad, pack_bits, unpack_bits) in ``gm`` in place; returns how many."""
     todo = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in _LOWERINGS]
+    traces = _Traces()
     for node in todo:
-        _LOWERINGS[node.target](gm.graph, node)
+        _LOWERINGS[node.target](gm.graph, node, traces)
     if todo:
         gm.graph.lint()
         gm.recompile()

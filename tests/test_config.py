@@ -81,6 +81,7 @@ _OTHER_VALUE = {
     "bits": 3,
     "save_act_codes": False,
     "fused_attention": False,
+    "pack_bool_masks": False,
     "share_norm_input": False,
     "norm_share_dtype": "input",
     "recompute": "allowed",

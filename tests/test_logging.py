@@ -26,7 +26,7 @@ LOGGER = "approxbp_fx"
 SUMMARY = re.compile(
     r"approxbp: sites found (\d+), rewritten (\d+), kept exact (\d+) "
     # fused_attention: a CUDA-only stage, 0/0 on these CPU graphs.
-    r"\(fused_attention 0/0, save_act_codes (\d+)/(\d+), share_norm_input (\d+)/(\d+)\); "
+    r"\(fused_attention 0/0, save_act_codes (\d+)/(\d+), share_norm_input (\d+)/(\d+), pack_bool_masks (\d+)/(\d+)\); "
     r"saved activation bytes (\d+) -> (\d+) \((\d+\.\d+)x\); pointwise recompute (?:banned|allowed)"
 )
 SITE = re.compile(r"approxbp: (\w+) (rewrote|kept exact) (\w+) at (\w+) \[[\d, ]*\]: (.*); site saved bytes (\d+) -> (\d+)")
@@ -77,21 +77,22 @@ def test_one_info_summary_per_joint_graph_matching_the_report(caplog):
     for record, report in zip(infos, reports):
         m = SUMMARY.fullmatch(record.getMessage())
         assert m, record.getMessage()
-        found, done, kept, act_done, acts, norm_done, norms, base, final = map(int, m.groups()[:9])
-        rule_sites = {rule: [d for d in report.sites if d.rule == rule] for rule in ("save_act_codes", "share_norm_input")}
+        found, done, kept, act_done, acts, norm_done, norms, mask_done, masks, base, final = map(int, m.groups()[:11])
         assert (found, done, kept) == (
             len(report.sites),
             sum(d.rewritten for d in report.sites),
             sum(not d.rewritten for d in report.sites),
         )
-        assert (acts, act_done) == (len(rule_sites["save_act_codes"]), sum(d.rewritten for d in rule_sites["save_act_codes"]))
-        assert (norms, norm_done) == (len(rule_sites["share_norm_input"]), sum(d.rewritten for d in rule_sites["share_norm_input"]))
+        per_rule = {"save_act_codes": (act_done, acts), "share_norm_input": (norm_done, norms), "pack_bool_masks": (mask_done, masks)}
+        for rule, counts in per_rule.items():
+            sites = [d for d in report.sites if d.rule == rule]
+            assert counts == (sum(d.rewritten for d in sites), len(sites)), rule
         assert (base, final) == (report.baseline_bytes, report.final_bytes)
-        assert float(m[10]) == pytest.approx(final / base, abs=5e-4)
+        assert float(m[12]) == pytest.approx(final / base, abs=5e-4)
     # The numbers are not trivially zero: the first graph rewrote its GELU and
     # LayerNorm and saved fewer bytes, the second kept its SiLU exact.
     first, second = (SUMMARY.fullmatch(r.getMessage()) for r in infos)
-    assert int(first[2]) == 2 and int(first[9]) < int(first[8])
+    assert int(first[2]) == 2 and int(first[11]) < int(first[10])
     assert (int(second[1]), int(second[2])) == (1, 0)
 
 
@@ -136,7 +137,7 @@ def test_torch_logs_turns_the_logger_on():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == [str(logging.DEBUG)]
     (m,) = SUMMARY.finditer(out.stderr)
-    assert m.groups() == ("0", "0", "0", "0", "0", "0", "0", "100", "40", "0.400"), out.stderr
+    assert m.groups() == ("0",) * 9 + ("100", "40", "0.400"), out.stderr
 
 
 @pytest.mark.parametrize("tier", ["aot_eager", "approxbp"])

@@ -32,6 +32,10 @@ from . import save_act_codes  # noqa: E402,F401  (registers the rule)
 # 2. share_norm_input: a norm's backward reads the tensor its consumers save.
 from . import share_norm_input  # noqa: E402,F401  (registers the rule)
 
+# 3. pack_bool_masks: what backward still reads as bool (dropout masks) is saved a bit an element.
+#    Last: the masks it packs belong to no other rule's site.
+from . import pack_bool_masks  # noqa: E402,F401  (registers the rule)
+
 # name (the ApproxBPConfig switch) -> pass(graph, cfg) -> [SiteDecision], editing the graph in place.
 GRAPH_PASSES = {
     # Keep CUDA attention off the math path, whose fp32 probabilities dwarf every saving below.

@@ -23,6 +23,7 @@ from tests.conftest import MLP, NormBlock
 MODELS = {
     "save_act_codes": lambda: MLP(nn.GELU(), frozen_second=True),
     "share_norm_input": lambda: NormBlock(nn.LayerNorm(64)),
+    "pack_bool_masks": lambda: MLP(nn.GELU(), dropout=0.1).train(),
 }
 
 

@@ -1,0 +1,72 @@
+"""Boolean masks packed 8 to a byte, and unpacked: the ops of passes/pack_bool_masks.py.
+
+``approxbp::pack_bits(mask) -> packed``
+    ``packed``: a 1-D uint8 tensor of ``ceil(numel / 8)`` bytes; element ``i``
+    of ``mask`` (row-major logical order, any strides) at bit ``i % 8`` of byte
+    ``i // 8``: the 1-bit case of the packed-code format (:mod:`approxbp_fx.codes`).
+``approxbp::unpack_bits(packed, shape) -> mask``
+    the contiguous boolean tensor of ``shape`` that was packed.
+
+Opaque to the partitioner for the same reason as ``act_pack``: it cannot
+recompute what it cannot see into, so it saves ``packed`` and lets the mask
+die. After the cut they are lowered to the aten ops of the functions below
+(:mod:`approxbp_fx.lowering`), which inductor fuses; with
+``act_lowering="kernels"`` they stay calls of the same torch code (no Triton
+kernel of their own: a mask is a small share of a step's traffic).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..codes import pack_codes, packed_numel, unpack_levels
+
+__all__ = ["pack_bits", "unpack_bits", "pack_bits_torch", "unpack_bits_torch"]
+
+
+def pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
+    """Plain-torch ``approxbp::pack_bits`` (every device)."""
+    return pack_codes(mask, (0.5,), 1)
+
+
+def unpack_bits_torch(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Plain-torch ``approxbp::unpack_bits`` (every device)."""
+    numel = 1
+    for s in shape:
+        numel = numel * s
+    return (unpack_levels(packed, (0.0, 1.0), 1, numel) != 0).view(shape)
+
+
+@torch.library.custom_op("approxbp::pack_bits", mutates_args=())
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    torch._check(mask.dtype == torch.bool, lambda: f"approxbp: pack_bits takes a bool mask, got {mask.dtype}")
+    return pack_bits_torch(mask)
+
+
+@pack_bits.register_fake
+def _(mask):
+    torch._check(mask.dtype == torch.bool, lambda: f"approxbp: pack_bits takes a bool mask, got {mask.dtype}")
+    return mask.new_empty((packed_numel(mask.numel(), 1),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("approxbp::unpack_bits", mutates_args=())
+def unpack_bits(packed: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    _check_packed(packed, shape)
+    return unpack_bits_torch(packed, shape)
+
+
+@unpack_bits.register_fake
+def _(packed, shape):
+    _check_packed(packed, shape)
+    return packed.new_empty(shape, dtype=torch.bool)
+
+
+def _check_packed(packed: torch.Tensor, shape) -> None:
+    numel = 1
+    for s in shape:
+        numel = numel * s
+    torch._check(packed.dtype == torch.uint8, lambda: f"approxbp: packed bits must be uint8, got {packed.dtype}")
+    torch._check(
+        packed.numel() == packed_numel(numel, 1),
+        lambda: f"approxbp: {packed.numel()} bytes do not hold a mask of shape {list(shape)}",
+    )

@@ -1,0 +1,64 @@
+"""The pack_bool_masks rule: a dropout mask saved a bit an element, forward and gradients unchanged."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from approxbp_fx import ApproxBPConfig, saved_activation_bytes
+from tests.conftest import MLP, RULES_VS_INDUCTOR, compiled, kept_exact, rewrites
+
+X_SHAPE = (3, 37, 64)
+MASK = 3 * 37 * 200  # the dropout mask after fc1's 200 outputs
+
+
+def _step(model, tier, x, cfg=None, reports=None):
+    """(out, saved bytes, parameter gradients) of one step, the dropout seed fixed."""
+    torch._dynamo.reset()
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    fn = compiled(model, tier, cfg, reports)
+    out = []
+    saved = saved_activation_bytes(lambda t: out.append(fn(t)) or out[-1], x, params=model)
+    return out[0], saved, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+@pytest.mark.parametrize("tier", ["aot_eager", "approxbp"])
+def test_a_dropout_mask_is_saved_a_bit_an_element_and_nothing_else_changes(tier):
+    torch.manual_seed(0)
+    model = MLP(nn.GELU(), dropout=0.1).train()
+    x = torch.randn(*X_SHAPE)
+    # The peer: every rule but this one, so the GELU is approximated alike on both sides.
+    peer_cfg = ApproxBPConfig(pack_bool_masks=False, recompute="banned")
+    their_out, theirs, their_grads = _step(model, tier, x, cfg=peer_cfg)
+    reports = []
+    out, ours, grads = _step(model, tier, x, reports=reports)
+    masks = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks"]
+    assert [(d.site.op, d.site.shape, d.rewritten) for d in masks] == [("bool mask", (3, 37, 200), True)]
+    assert (masks[0].bytes_before, masks[0].bytes_after) == (MASK, math.ceil(MASK / 8))
+    assert theirs - ours >= MASK - math.ceil(MASK / 8)
+    assert rewrites("pack_bool_masks") == 1 and kept_exact("pack_bool_masks") == 0
+    # The mask is unpacked bit for bit: the same forward, the same gradients.
+    assert torch.equal(out, their_out)
+    for a, b in zip(grads, their_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_switched_off_finds_no_mask():
+    torch.manual_seed(0)
+    model, x = MLP(nn.GELU(), dropout=0.1).train(), torch.randn(*X_SHAPE)
+    reports = []
+    _step(model, "approxbp", x, cfg=ApproxBPConfig(pack_bool_masks=False, recompute="banned"), reports=reports)
+    assert not [d for r in reports for d in r.sites if d.rule == "pack_bool_masks"]
+
+
+def test_a_small_mask_stays_as_it_is_and_says_why():
+    torch.manual_seed(0)
+    model, x = MLP(nn.GELU(), d=8, hidden=16, dropout=0.1).train(), torch.randn(2, 3, 8)
+    reports = []
+    _step(model, "approxbp", x, cfg=RULES_VS_INDUCTOR, reports=reports)
+    (d,) = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks"]
+    assert not d.rewritten and d.reason == "96 elements: too small to pay for the pack"
