@@ -218,15 +218,22 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         sites, failure = self._find_sites(gm)
         best = None
         for mode in _MODES[self.cfg.recompute]:
-            result, report = self._partition_as(gm, joint_inputs, kwargs, sites, failure, mode)
+            tried = self._partition_as(gm, joint_inputs, kwargs, sites, failure, mode)
             # Strictly fewer bytes to switch: a tie keeps the earlier, banned, which recomputes less.
-            if best is None or report.final_bytes < best[1].final_bytes:
-                best = (result, report)
-        self._finish(best[1])
-        return best[0]
+            if best is None or tried[1].final_bytes < best[1].final_bytes:
+                best = tried
+        result, report, baseline = best
+        # Lowered once, on the partition kept: the other mode's is thrown away.
+        try:
+            after_cut(result, self.cfg)
+        except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
+            result, report = baseline, self._exact_report(sites, err, report.baseline_bytes)
+            report.recompute = best[1].recompute
+        self._finish(report)
+        return result
 
-    def _partition_as(self, gm, joint_inputs, kwargs, sites, failure, mode: str) -> tuple[tuple, GraphReport]:
-        """The partition with ``mode``'s recompute: rewritten where it pays, or exact."""
+    def _partition_as(self, gm, joint_inputs, kwargs, sites, failure, mode: str) -> tuple[tuple, GraphReport, tuple]:
+        """The partition with ``mode``'s recompute: rewritten where it pays, or exact; and the exact one."""
         if failure is None and any(s.skip is None for _, s in sites):
             # The baseline partitions the untouched graph: if the partitioner
             # fails on that, inductor alone would fail too, so it may raise.
@@ -237,13 +244,13 @@ class ApproxBPPartitioner(CustomPartitionerFn):
                 result, failure = baseline, err
             else:
                 report.recompute = mode
-                return result, report
+                return result, report, baseline
         else:
             result = self._partition(_copy(gm), joint_inputs, kwargs, mode)
         saved = sum(saved_tensors(result[1], gm, kwargs.get("static_lifetime_input_indices")).values())
         report = self._exact_report(sites, failure, saved)
         report.recompute = mode
-        return result, report
+        return result, report, result
 
     def _find_sites(self, gm: fx.GraphModule) -> tuple[list[tuple[str, Site]], Exception | None]:
         try:
@@ -289,9 +296,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
                 for k in losers:
                     decisions[k].keep_exact("measured: total saved bytes grew")
             chosen -= losers
-        if chosen:
-            after_cut(result, self.cfg)
-        else:
+        if not chosen:
             report.final_bytes = report.baseline_bytes
         report.sites = list(decisions.values())
         return result, report
@@ -315,7 +320,8 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         added: dict[Key, set[str]] = {}
         for name, rule in RULES.items():
             todo = [decisions[k].site for k in sorted(chosen) if k[0] == name]
-            for key, names in rule.apply_sites(trial, todo, self.cfg).items():
+            # The partitioner recompiles the joint module first thing: no need here.
+            for key, names in rule.apply_sites(trial, todo, self.cfg, recompile=False).items():
                 added[(name, key)] = names
         return trial, added
 

@@ -16,6 +16,7 @@ from torch import nn
 
 import approxbp_fx
 from approxbp_fx.passes import RULES
+from approxbp_fx import lowering
 from approxbp_fx.report import ApproxBPFallbackWarning
 from tests.conftest import MLP, compiled
 
@@ -73,7 +74,7 @@ def test_two_activations_reading_one_gradient_are_both_rewritten():
     assert sorted((d.site.op, d.rewritten) for r in reports for d in r.sites) == [("gelu", True), ("silu", True)]
 
 
-@pytest.mark.parametrize("where", ["find_sites", "apply_site"])
+@pytest.mark.parametrize("where", ["find_sites", "apply_site", "lowering"])
 def test_an_internal_error_compiles_the_graph_exactly_and_warns(monkeypatch, where):
     model, x = _model_and_input()
     theirs, their_grads = _run(model, "inductor", x)
@@ -81,8 +82,11 @@ def test_an_internal_error_compiles_the_graph_exactly_and_warns(monkeypatch, whe
     def broken(*args, **kwargs):
         raise KeyError("mul_9")
 
-    rule = RULES["save_act_codes"]
-    monkeypatch.setitem(RULES, rule.name, dataclasses.replace(rule, **{where: broken}))
+    if where == "lowering":  # after the cut, on the partition kept
+        monkeypatch.setattr(lowering, "lower", broken)
+    else:
+        rule = RULES["save_act_codes"]
+        monkeypatch.setitem(RULES, rule.name, dataclasses.replace(rule, **{where: broken}))
     reports = []
     with pytest.warns(ApproxBPFallbackWarning, match="KeyError: 'mul_9'"):
         ours, our_grads = _run(model, "approxbp", x, reports)

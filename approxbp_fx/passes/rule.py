@@ -88,7 +88,7 @@ class Rule:
     def enabled(self, cfg: ApproxBPConfig) -> bool:
         return bool(getattr(cfg, self.name))
 
-    def apply_sites(self, gm: fx.GraphModule, sites: list, cfg: ApproxBPConfig) -> dict[str, set[str]]:
+    def apply_sites(self, gm: fx.GraphModule, sites: list, cfg: ApproxBPConfig, recompile: bool = True) -> dict[str, set[str]]:
         """Rewrite ``sites`` (found on ``gm`` or a copy of it) in order, then lint and recompile once.
 
         Returns site key -> names of the nodes the rewrite added.
@@ -96,7 +96,8 @@ class Rule:
         out = {site.key: self.apply_site(gm, site, cfg) for site in sites}
         if sites:
             gm.graph.lint()
-            gm.recompile()
+            if recompile:
+                gm.recompile()
         return out
 
     def rewrite(self, gm: fx.GraphModule, cfg: ApproxBPConfig) -> int:
