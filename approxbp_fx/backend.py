@@ -22,7 +22,7 @@ from .report import log
 if TYPE_CHECKING:
     from .report import GraphReport
 
-__all__ = ["backend", "approxbp"]
+__all__ = ["backend", "approxbp", "inductor_with_recompute"]
 
 
 def backend(
@@ -126,3 +126,17 @@ def approxbp(gm: torch.fx.GraphModule, example_inputs, *, mode: str | None = Non
     ``options`` are :class:`ApproxBPConfig` fields, e.g. ``{"bits": 3}``.
     """
     return backend(ApproxBPConfig.from_options(options), mode=mode)(gm, example_inputs)
+
+
+def inductor_with_recompute(gm: torch.fx.GraphModule, example_inputs):
+    """Plain inductor with pointwise recompute allowed (``ban_recompute_materialized_backward=False``).
+
+    The second compiled peer approxbp never saves more than (``ApproxBPConfig.recompute``);
+    explain() and the benchmarks measure it. A backend of its own, so dynamo compiles
+    anew rather than reuse a plain inductor compile of the same code.
+    """
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    with functorch_config.patch(ban_recompute_materialized_backward=False):
+        return compile_fx(gm, example_inputs)

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .backend import backend
+from .backend import backend, inductor_with_recompute
 from .config import ApproxBPConfig
 from .measure import default_loss, saved_activation_bytes
 from .report import GraphReport
@@ -84,16 +84,6 @@ def _fresh_compiles():
 
     with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
         yield
-
-
-def _inductor_with_recompute(gm, example_inputs):
-    """Inductor with pointwise recompute allowed: a backend of its own, so that dynamo
-    compiles anew rather than reuse the plain inductor compile of the same code."""
-    from torch._functorch import config as functorch_config
-    from torch._inductor.compile_fx import compile_fx
-
-    with functorch_config.patch(ban_recompute_materialized_backward=False):
-        return compile_fx(gm, example_inputs)
 
 
 @contextlib.contextmanager
@@ -202,7 +192,7 @@ def explain(
         run = lambda f: saved_activation_bytes(f, *example_args, params=model, loss_fn=loss_fn, **example_kwargs)
         exp.eager_bytes = run(model)
         exp.inductor_bytes = run(torch.compile(model, backend="inductor"))
-        exp.inductor_recompute_bytes = run(torch.compile(model, backend=_inductor_with_recompute))
+        exp.inductor_recompute_bytes = run(torch.compile(model, backend=inductor_with_recompute))
         exp.approxbp_bytes = run(torch.compile(model, backend=backend(config, on_report=reports.append)))
     exp.recompute = [r.recompute for r in reports]
     for r in reports:

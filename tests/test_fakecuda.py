@@ -108,3 +108,20 @@ def test_validation_compares_every_reference_cell():
     assert rows[2]["problem"] == "not measured"
     assert [r["cell"] for r in fakecuda_validate.failures(rows, 0.01)] == ["m / s / p / b", "m / s / p / c"]
     assert fakecuda_validate.failures(rows[:1], 0.001) == rows[:1]
+
+
+@needs_native
+def test_fused_attention_keeps_compiled_cuda_attention_off_the_math_path(tmp_path):
+    """approxbp_fx/passes/fused_attention.py on fake CUDA: without it (inductor, or the pass
+    switched off) the compiled attention runs the math path and saves fp32 probabilities."""
+    out = tmp_path / "attention.json"
+    assert rerun("tests.fakecuda_attention_probe", [str(out)]) == 0
+    r = json.loads(out.read_text())
+    probs = r["probs_fp32"]
+    for name, fused in (("all_true", "flash"), ("padding", "efficient")):
+        (theirs, their_kernels), (ours, our_kernels), (off, off_kernels) = (
+            r[name][b] for b in ("inductor", "approxbp", "approxbp_off")
+        )
+        # Ours may list "math" too: dynamo traces the original graph, mask and all, before the pass.
+        assert their_kernels == off_kernels == ["math"] and fused in our_kernels, (name, our_kernels)
+        assert off - ours >= probs * 3 // 4 and theirs - ours >= probs * 3 // 4, (name, theirs, off, ours)
