@@ -3,6 +3,7 @@
     python -m benchmarks._gpu_suite start OUT [--tag T] [--dry-run] [--budget S] [--commit SHA] [--resume]
     python -m benchmarks._gpu_suite record OUT TAG STEP STATUS RC SECONDS TIMEOUT LOG [COMMAND]
     python -m benchmarks._gpu_suite render OUT TAG
+    python -m benchmarks._gpu_suite entry-points SITE
 
 ``OUT`` mirrors the repository: everything lands under ``OUT/docs/``, so copying
 ``OUT`` over the checkout puts each file where it belongs.
@@ -18,6 +19,7 @@
   ``docs/performance.md``'s "gpu suite" section into ``OUT/docs/``, from this
   run's JSON over the checkout's (the checkout itself is not touched), with this
   run's chart in ``OUT/docs/images/``.
+* ``entry-points`` registers ``backend="approxbp"`` where the package is not installed.
 """
 
 from __future__ import annotations
@@ -95,6 +97,25 @@ def environment(device: str, commit: str | None) -> dict:
                 else None,
                 source_sha256=source_hash())
     return meta
+
+
+def register_entry_points(site: Path, groups=("torch_dynamo_backends",)) -> Path:
+    """Make the checkout's ``backend="approxbp"`` findable by name without installing it.
+
+    Writes a ``.dist-info`` with pyproject.toml's entry points of ``groups`` into ``site``,
+    to go on ``PYTHONPATH``: no pip, no network, nothing written into the checkout. (The
+    ``torch.backends`` autoload hook is left out: the suite does not use it.)
+    """
+    import tomllib  # Python 3.11+, as on the GPU machines
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    info = site / f"{project['name'].replace('-', '_')}-{project['version']}.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {project['name']}\nVersion: {project['version']}\n")
+    (info / "entry_points.txt").write_text("".join(
+        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in points.items()) + "\n"
+        for group, points in project["entry-points"].items() if group in groups))
+    return info
 
 
 def _load(path: Path) -> dict:
@@ -274,6 +295,8 @@ def main(argv=None) -> int:
                        ("seconds", float), ("timeout", int), ("log", Path)):
         r.add_argument(name, type=kind)
     r.add_argument("command", nargs="?", default="")
+    e = sub.add_parser("entry-points")
+    e.add_argument("site", type=Path)
     d = sub.add_parser("render")
     d.add_argument("out", type=Path)
     d.add_argument("tag")
@@ -282,6 +305,8 @@ def main(argv=None) -> int:
         print(start(args))
     elif args.verb == "record":
         record(args)
+    elif args.verb == "entry-points":
+        register_entry_points(args.site)
     else:
         t0 = time.time()
         render(args)

@@ -74,10 +74,10 @@ else
     DEVICE=() SHAPE=() GRID_LIMIT=() KERNEL_FLAGS=()
 fi
 
-# torch.compile(backend="approxbp") finds the backend through the package's entry point.
+# torch.compile(backend="approxbp") finds the backend through the package's entry point;
+# where approxbp-fx is not installed (the GPU machines), a dist-info on PYTHONPATH declares it.
 if ! "$PY" -c "from importlib.metadata import entry_points as e; import sys; sys.exit(not e(group='torch_dynamo_backends', name='approxbp'))"; then
-    echo "== installing approxbp-fx (no dependencies, no network) for its entry point"
-    "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e "$ROOT" || echo "install failed" >&2
+    "$PY" -m benchmarks._gpu_suite entry-points "$SCRATCH/site" && export PYTHONPATH="$SCRATCH/site:$PYTHONPATH"
 fi
 
 TAG=$("$PY" -m benchmarks._gpu_suite start "$OUT" --budget "$BUDGET" ${TAG:+--tag "$TAG"} \

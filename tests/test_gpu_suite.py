@@ -111,6 +111,18 @@ def test_default_tag_and_pytest_summary(tmp_path):
     assert _gpu_suite.pytest_summary(tmp_path / "none.xml") is None
 
 
+def test_entry_point_registered_without_installing(tmp_path):
+    # The GPU machines have no approxbp-fx installed: the suite puts this dist-info on PYTHONPATH.
+    info = _gpu_suite.register_entry_points(tmp_path)
+    code = ("from importlib.metadata import entry_points as e; "
+            "print([p.value for p in e(group='torch_dynamo_backends', name='approxbp') if p.dist._path.parent == "
+            f"__import__('pathlib').Path({str(tmp_path)!r})])")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['approxbp_fx.backend:approxbp']"
+    assert "torch.backends" not in (info / "entry_points.txt").read_text()
+
+
 def test_train_step_stops_at_the_deadline_and_after_max_cells(tmp_path):
     pytest.importorskip("peft")
     common = ["--tag", "t", "--device", "cpu", "--models", "gpt2-124m", "--scenarios", "lora_qv",
