@@ -12,6 +12,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Run control that changes where and how long a run goes, not its figures: left out of the
+# command a page cites (gpu_suite.sh passes an absolute deadline and a scratch output folder).
+_RUN_CONTROL = ("--deadline", "--out-dir")
+
+
+def _figure_args(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _RUN_CONTROL:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in _RUN_CONTROL)):
+            out.append(a)
+    return out
+
+
 def provenance(script: str, argv: list[str] | None, device: str = "cpu") -> tuple[dict, str]:
     """``(meta, command)``: versions, machine and date, and the command line that reproduces the run.
 
@@ -19,7 +36,7 @@ def provenance(script: str, argv: list[str] | None, device: str = "cpu") -> tupl
     """
     import torch
 
-    args = argv if argv is not None else sys.argv[1:]
+    args = _figure_args(argv if argv is not None else sys.argv[1:])
     command = f"python -m benchmarks.{script}" + (" " + " ".join(args) if args else "")
     try:
         import triton
