@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# Run control that changes where and how long a run goes, not its figures: left out of the
+# command a page cites (gpu_suite.sh passes an absolute deadline and a scratch output folder).
+_RUN_CONTROL = ("--deadline", "--out-dir")
+
+
+def _figure_args(args: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _RUN_CONTROL:
+            skip = True
+        elif not a.startswith(tuple(f + "=" for f in _RUN_CONTROL)):
+            out.append(a)
+    return out
 
 
 def provenance(script: str, argv: list[str] | None, device: str = "cpu") -> tuple[dict, str]:
@@ -18,7 +34,9 @@ def provenance(script: str, argv: list[str] | None, device: str = "cpu") -> tupl
 
     On a CUDA ``device`` the machine is the GPU's name, and the CUDA version is recorded.
     """
-    args = argv if argv is not None else sys.argv[1:]
+    import torch
+
+    args = _figure_args(argv if argv is not None else sys.argv[1:])
     command = f"python -m benchmarks.{script}" + (" " + " ".join(args) if args else "")
     try:
         import triton
@@ -39,6 +57,14 @@ def provenance(script: str, argv: list[str] | None, device: str = "cpu") -> tupl
     return meta, command
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write ``path`` whole through a temporary file: a run killed mid-write keeps the old file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write(json_path: Path, md_path: Path, payload: dict, markdown: str) -> None:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(payload, indent=2) + "\n")
@@ -48,7 +74,15 @@ def write(json_path: Path, md_path: Path, payload: dict, markdown: str) -> None:
 
 def write_section(json_path: Path, md_path: Path, payload: dict, section: str, markdown: str) -> None:
     """:func:`write`, but only the part of ``md_path`` between this section's markers is replaced
-    (the section is appended if the page lacks it), so several scripts render one page."""
+    (:func:`replace_section`), so several scripts render one page."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    replace_section(md_path, section, markdown)
+    print(markdown)
+
+
+def replace_section(md_path: Path, section: str, markdown: str) -> None:
+    """Replace the part of ``md_path`` between this section's markers (appended if the page lacks it)."""
     begin, end = f"<!-- begin {section} (generated) -->\n", f"<!-- end {section} -->\n"
     body = begin + markdown.rstrip("\n") + "\n" + end
     page = md_path.read_text() if md_path.exists() else ""
@@ -57,8 +91,5 @@ def write_section(json_path: Path, md_path: Path, payload: dict, section: str, m
         page = head + body + rest.split(end, 1)[1]
     else:
         page = page + ("\n" if page and not page.endswith("\n\n") else "") + body
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(payload, indent=2) + "\n")
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(page)
-    print(markdown)

@@ -36,7 +36,7 @@ from approxbp_fx import table  # (importing approxbp_fx registers the approxbp::
 from approxbp_fx.kernels.act_codes import act_pack_torch, code_grad_torch
 
 from ._render import markdown_table
-from ._report import ROOT, provenance
+from ._report import ROOT, provenance, replace_file
 
 BF16 = torch.bfloat16
 HIDDEN = 4096  # norm rows
@@ -179,17 +179,20 @@ def main(argv=None) -> int:
     meta, command = provenance("kernels", argv, args.device)
     meta["tag"] = args.tag
     meta["copy_GBps"] = copy_bandwidth(device, max(args.sizes) * 2, args.iters)
-    rows = []
-    for n in args.sizes:
-        rows += _act_rows(n, device, args.iters) + _norm_rows(n, device, args.iters)
-        print(json.dumps(rows[-8:]), flush=True)
-    data = {"meta": meta, "command": command, "rows": rows}
-    (args.out_dir / "results").mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "results" / f"kernels_{args.tag}.json").write_text(json.dumps(data, indent=1) + "\n")
-    text = render(data)
-    (args.out_dir / "kernels.md").write_text(text)
-    print(text)
+    data = {"meta": meta, "command": command, "rows": []}
+    for n in args.sizes:  # the JSON and the page after every size: a killed run keeps the sizes it finished
+        rows = _act_rows(n, device, args.iters) + _norm_rows(n, device, args.iters)
+        data["rows"] += rows
+        print(json.dumps(rows), flush=True)
+        _write(args.out_dir, args.tag, data)
+    print(render(data))
     return 0
+
+
+def _write(out_dir: Path, tag: str, data: dict) -> None:
+    """docs/results/kernels_<tag>.json and docs/kernels.md, each replaced whole."""
+    replace_file(out_dir / "results" / f"kernels_{tag}.json", json.dumps(data, indent=1) + "\n")
+    replace_file(out_dir / "kernels.md", render(data))
 
 
 if __name__ == "__main__":

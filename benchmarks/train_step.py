@@ -21,8 +21,9 @@ inductor with pointwise recompute (``ban_recompute_materialized_backward=False``
 inductor with ``activation_memory_budget=0.5``; the paper's method applied eagerly
 by module swaps (``approxbp_fx.eager.swap_modules``); and approxbp.
 
-Results go to ``docs/results/train_step_<tag>.json`` after every cell (a killed
-run keeps what it measured; ``--resume`` skips cells already there), and
+Results go to ``docs/results/train_step_<tag>.json`` after every cell, replaced
+whole (a killed run keeps what it measured; ``--resume`` skips cells already
+there; ``--deadline`` starts no cell that would end past it), and
 ``docs/benchmarks.md`` is rendered from every ``train_step_*.json`` present,
 with a PNG chart per tag when matplotlib is installed (the ``bench`` extra).
 Caches are off, so every backend pays a cold compile. Exits 1 if a cell failed
@@ -50,7 +51,7 @@ from approxbp_fx.eager import swap_modules
 from . import _fakecuda as fakecuda
 from ._fakecuda import FAKE_CUDA
 from ._models import MODELS, SCENARIOS, apply_scenario
-from ._report import ROOT, provenance
+from ._report import ROOT, provenance, replace_file
 from .kernels import copy_bandwidth
 
 PRECISIONS = ("bf16", "amp")
@@ -136,7 +137,10 @@ def run_cell(model_name: str, scenario: str, precision: str, backend: str, args)
     if args.device == FAKE_CUDA:
         return _fake_cuda_cell(spec, scenario, precision, backend, args, batch, seq)
     device = torch.device(args.device)
-    model = _model(spec, scenario, precision, args).to(device)
+    # Built where it runs: LLaMA-1B's random init takes seconds a backend on the CPU, and
+    # nothing measured depends on the weights' values.
+    with torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        model = _model(spec, scenario, precision, args).to(device)
     amp = precision == "amp"
     row: dict = {"batch": batch, "seq": seq}
     fn = _prepare(model, backend, row)
@@ -209,12 +213,25 @@ def _meta(args, argv) -> tuple[dict, str]:
 
 
 def _run_grid(args, cells: dict, path: Path, meta: dict, commands: list[str]) -> bool:
-    """Measure every requested cell not already in ``cells``, saving after each; True if one failed."""
-    failed = False
+    """Measure every requested cell not already in ``cells``, saving after each; True if one failed.
+
+    Stops early after ``args.max_cells`` new cells, or before a cell expected to end past
+    ``args.deadline``: one as long as the longest of this run so far (so the first starts
+    unless the deadline has passed; the caller's timeout stops one that overruns).
+    """
+    failed, done, longest = False, 0, 0.0
     for m, s, prec, b in itertools.product(args.models, args.scenarios, args.precisions, args.backends):
         key = _cell_key(m, s, prec, b)
         if key in cells and "error" not in cells[key]:
             continue
+        if args.max_cells is not None and done >= args.max_cells:
+            print(f"stopping: --max-cells {args.max_cells} reached", flush=True)
+            break
+        if args.deadline is not None and time.time() + longest > args.deadline:
+            print(f"stopping before {key}: the deadline is {args.deadline - time.time():.0f} s away, "
+                  f"the longest cell so far took {longest:.0f} s", flush=True)
+            break
+        t_cell = time.time()
         torch._dynamo.reset()
         gc.collect()
         if torch.cuda.is_available():
@@ -229,9 +246,9 @@ def _run_grid(args, cells: dict, path: Path, meta: dict, commands: list[str]) ->
             failed = True
         cells[key] = {"model": m, "scenario": s, "precision": prec, "backend": b, **row}
         print(json.dumps(cells[key]), flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
         record = {"meta": meta, "command": commands[-1], "commands": commands, "cells": cells}
-        path.write_text(json.dumps(record, indent=1) + "\n")
+        replace_file(path, json.dumps(record, indent=1) + "\n")
+        done, longest = done + 1, max(longest, time.time() - t_cell)
     return failed
 
 
@@ -251,6 +268,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per cell (0: saved bytes only)")
     p.add_argument("--warmup", type=int, default=3, help="steps before measuring (the first compiles)")
     p.add_argument("--resume", action="store_true", help="keep cells already in the results file")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="Unix time: start no cell expected to end after it (benchmarks/gpu_suite.sh sets it)")
+    p.add_argument("--max-cells", type=int, default=None, help="measure at most this many new cells")
     p.add_argument("--no-render", action="store_true")
     p.add_argument("--out-dir", type=Path, default=ROOT / "docs", help="results/ and benchmarks.md go here")
     args = p.parse_args(argv)
