@@ -298,7 +298,8 @@ def main(argv=None) -> int:
         if changed:  # one file, one setting: cells measured under another would be mislabelled
             p.error(f"--resume: {path.name} was measured with another {', '.join(changed)}; use another --tag")
         cells = old["cells"]
-        commands = old.get("commands", [old["command"]]) + commands
+        # A resumed run repeats its command: cite each command once, in first-run order.
+        commands = list(dict.fromkeys(old.get("commands", [old["command"]]) + commands))
     # Cold compiles for every backend, and no cached graph crossing between backends.
     with ic.patch(fx_graph_cache=False), fc.patch(enable_autograd_cache=False), \
             torch._dynamo.config.patch(cache_size_limit=64):

@@ -125,3 +125,26 @@ def test_fused_attention_keeps_compiled_cuda_attention_off_the_math_path(tmp_pat
         # Ours may list "math" too: dynamo traces the original graph, mask and all, before the pass.
         assert their_kernels == off_kernels == ["math"] and fused in our_kernels, (name, our_kernels)
         assert off - ours >= probs * 3 // 4 and theirs - ours >= probs * 3 // 4, (name, theirs, off, ours)
+
+
+def test_targets_flag_each_bar_a_cell_misses():
+    from benchmarks import fakecuda_targets as targets
+
+    def cell(key, **bytes_):
+        return {f"{key}|{b}": {"saved_bytes": v} for b, v in bytes_.items()}
+
+    cells = {
+        **cell("vit-b16|lora_qv|amp", eager=1000, inductor=900, inductor_recompute=800, approxbp=480),  # all met
+        **cell("gpt2-124m|lora_qv|bf16", eager=1000, inductor=700, inductor_recompute=600, approxbp=500),  # 0.833 > 0.80
+        **cell("llama-1b|full|amp", eager=1000, inductor=700, inductor_recompute=600, approxbp=600),  # not strictly below
+        **cell("vit-b16|full|bf16", eager=1000, inductor=700, inductor_recompute=600),  # approxbp missing
+    }
+    missed = {r["cell"]: r["missed"] for r in targets.check(cells)}
+    assert missed == {
+        "vit-b16|lora_qv|amp": [],
+        "gpt2-124m|lora_qv|bf16": ["<= 0.80x best peer"],
+        "llama-1b|full|amp": ["< best peer"],
+        "vit-b16|full|bf16": ["not measured"],
+    }
+    cells["vit-b16|lora_qv|amp|approxbp"]["saved_bytes"] = 520  # 0.65x the peer, but 0.52x eager
+    assert {r["cell"]: r["missed"] for r in targets.check(cells)}["vit-b16|lora_qv|amp"] == ["<= 0.50x eager"]
