@@ -62,9 +62,10 @@ class ApproxBPConfig:
     # gelu(h) for the next Linear's weight gradient (2 B/elt in bf16), which
     # beats saving gelu(h) plus a code (2.25 B/elt); it moves pointwise work
     # into backward. "banned": inductor's default. "auto": partition both
-    # ways, each with its own rewrites, and keep whichever saves fewer bytes
-    # (ties: banned, which recomputes less); so approxbp never saves more
-    # than inductor with either setting. explain() says which was taken;
+    # ways, rewrite in the one the rules predict to save most, and keep
+    # whichever of that and the two plain partitions saves fewest bytes (ties:
+    # banned, which recomputes less); so approxbp never saves more than
+    # inductor with either setting. explain() says which was taken;
     # docs/performance.md has the bytes and the compile time.
     recompute: str = "auto"
 

@@ -7,23 +7,27 @@ ask it. For every joint graph:
 
 1. find the candidate sites of every enabled rule (:data:`passes.RULES`),
    one owner per node;
-2. partition a copy of the unmodified graph: the baseline saved set;
-3. keep the sites each rule predicts to shrink that set, rewrite a copy,
-   partition it again;
+2. partition a copy of the unmodified graph in every recompute mode of
+   ``ApproxBPConfig.recompute`` (pointwise recompute banned, as inductor's
+   default, and allowed): the saved sets to beat;
+3. in the mode whose saved set, less the savings the rules predict, is
+   smallest, keep the sites predicted to pay, rewrite a copy, partition it;
 4. if a kept site still leaves its input in backward, or saves as much, or the
    total grew, drop the offenders and partition once more; if nothing helps,
-   return the baseline;
+   or an exact partition of step 2 saves fewer bytes, return that partition;
 5. lower our ops on the cut graphs (:func:`passes.after_cut`).
 
-The result is never larger than inductor's own choice, by construction, and
-an internal error anywhere in 1-5 returns the baseline with a warning.
-Costs one to three partitioner runs per compiled graph.
+The result is never larger than inductor's own choice in either mode, by
+construction, and an internal error anywhere in 1-5 returns an exact
+partition with a warning. Costs one partitioner run per mode plus one or two
+trials per compiled graph.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -105,6 +109,23 @@ def _recompute_patch(mode: str):
     from torch._functorch import config as functorch_config
 
     return functorch_config.patch(ban_recompute_materialized_backward=mode == "banned")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exact:
+    """Inductor's partition of the untouched graph in one recompute mode, and what it saves."""
+
+    result: tuple
+    saved: dict[str, int]
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.saved.values())
+
+
+def _predicted_gain(decisions: dict[Key, SiteDecision]) -> int:
+    """Bytes the sites predicted to pay would save, from the rules' predictions."""
+    return sum(d.bytes_before - d.bytes_after for d in decisions.values() if d.rewritten)
 
 
 def _losers(decisions: dict[Key, SiteDecision], chosen: set[Key], added, saved: dict[str, int], in_bw: set[str]):
@@ -216,41 +237,57 @@ class ApproxBPPartitioner(CustomPartitionerFn):
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
         sites, failure = self._find_sites(gm)
-        best = None
-        for mode in _MODES[self.cfg.recompute]:
-            tried = self._partition_as(gm, joint_inputs, kwargs, sites, failure, mode)
-            # Strictly fewer bytes to switch: a tie keeps the earlier, banned, which recomputes less.
-            if best is None or tried[1].final_bytes < best[1].final_bytes:
-                best = tried
-        result, report, baseline = best
-        # Lowered once, on the partition kept: the other mode's is thrown away.
+        exact = self._exact_partitions(gm, joint_inputs, kwargs)
+        base = min(exact, key=lambda m: exact[m].bytes)  # a tie keeps the first, banned, which recomputes less
+        result, report = exact[base].result, self._exact_report(sites, failure, exact[base].bytes, base)
+        if failure is None and any(s.skip is None for _, s in sites):
+            result, report = self._rewrite_best(gm, joint_inputs, kwargs, sites, exact, base)
+        # Lowered once, on the partition kept.
         try:
             after_cut(result, self.cfg)
         except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
-            result, report = baseline, self._exact_report(sites, err, report.baseline_bytes)
-            report.recompute = best[1].recompute
+            mode = report.recompute
+            result, report = exact[mode].result, self._exact_report(sites, err, exact[mode].bytes, mode)
         self._finish(report)
         return result
 
-    def _partition_as(self, gm, joint_inputs, kwargs, sites, failure, mode: str) -> tuple[tuple, GraphReport, tuple]:
-        """The partition with ``mode``'s recompute: rewritten where it pays, or exact; and the exact one."""
-        if failure is None and any(s.skip is None for _, s in sites):
-            # The baseline partitions the untouched graph: if the partitioner
-            # fails on that, inductor alone would fail too, so it may raise.
-            baseline = self._partition(_copy(gm), joint_inputs, kwargs, mode)
-            try:
-                result, report = self._rewrite(gm, joint_inputs, kwargs, sites, baseline, mode)
-            except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
-                result, failure = baseline, err
-            else:
-                report.recompute = mode
-                return result, report, baseline
-        else:
+    def _exact_partitions(self, gm, joint_inputs, kwargs) -> dict[str, _Exact]:
+        """Inductor's own partition in every recompute mode of the config: the peers to beat.
+
+        If the partitioner fails on the untouched graph, inductor alone would
+        fail too, so this may raise.
+        """
+        static = kwargs.get("static_lifetime_input_indices")
+        out = {}
+        for mode in _MODES[self.cfg.recompute]:
             result = self._partition(_copy(gm), joint_inputs, kwargs, mode)
-        saved = sum(saved_tensors(result[1], gm, kwargs.get("static_lifetime_input_indices")).values())
-        report = self._exact_report(sites, failure, saved)
-        report.recompute = mode
-        return result, report, result
+            out[mode] = _Exact(result, saved_tensors(result[1], gm, static))
+        return out
+
+    def _rewrite_best(self, gm, joint_inputs, kwargs, sites, exact: dict[str, _Exact], base: str):
+        """Rewrite in the mode whose prediction saves least; keep it only if no exact partition saves less.
+
+        One trial mode, not every one: each trial is a full partitioner run,
+        and with ``recompute="auto"`` trying both modes cost more compile time
+        than the 1.15x of inductor's we allow (docs/performance.md). Every
+        exact partition is still measured, so the result never saves more
+        than inductor with either setting.
+        """
+        predictions = {m: self._predict(gm, sites, e.saved) for m, e in exact.items()}
+        mode = min(exact, key=lambda m: exact[m].bytes - _predicted_gain(predictions[m]))
+        try:
+            result, report = self._rewrite(gm, joint_inputs, kwargs, predictions[mode], exact[mode], mode)
+        except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
+            return exact[base].result, self._exact_report(sites, err, exact[base].bytes, base)
+        if exact[base].bytes < report.final_bytes:  # an exact partition of another mode saves less
+            why = (f"measured: inductor's partition with pointwise recompute {base} saves {exact[base].bytes} B "
+                   f"without rewrites, fewer than {report.final_bytes} B with them (recompute {mode})")
+            for d in report.sites:
+                if d.rewritten:
+                    d.keep_exact(why)
+            report.baseline_bytes = report.final_bytes = exact[base].bytes
+            report.recompute, result = base, exact[base].result
+        return result, report
 
     def _find_sites(self, gm: fx.GraphModule) -> tuple[list[tuple[str, Site]], Exception | None]:
         try:
@@ -258,9 +295,9 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
             return [], err
 
-    def _exact_report(self, sites, failure: Exception | None, saved: int) -> GraphReport:
+    def _exact_report(self, sites, failure: Exception | None, saved: int, mode: str) -> GraphReport:
         """Every site kept exact: for its own reason, or for the internal error that stopped the rewrite."""
-        report = GraphReport(baseline_bytes=saved, final_bytes=saved)
+        report = GraphReport(baseline_bytes=saved, final_bytes=saved, recompute=mode)
         if failure is None:
             report.sites = [SiteDecision(s, r, False, s.skip or "") for r, s in sites]
             return report
@@ -274,13 +311,11 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         log.debug("approxbp: the rewrite failed", exc_info=failure)
         return report
 
-    def _rewrite(self, gm, joint_inputs, kwargs, sites, baseline, mode: str) -> tuple[tuple, GraphReport]:
+    def _rewrite(self, gm, joint_inputs, kwargs, decisions, exact: _Exact, mode: str) -> tuple[tuple, GraphReport]:
         """Keep the sites predicted to pay, then measure them with the real partitioner until none loses."""
         static = kwargs.get("static_lifetime_input_indices")
-        base_saved = saved_tensors(baseline[1], gm, static)
-        report = GraphReport(baseline_bytes=sum(base_saved.values()))
-        decisions = self._predict(gm, sites, base_saved)
-        result = baseline
+        report = GraphReport(baseline_bytes=exact.bytes, recompute=mode)
+        result = exact.result
         chosen = {k for k, d in decisions.items() if d.rewritten}
         while chosen:
             trial, added = self._apply(gm, decisions, chosen)
@@ -310,6 +345,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
                 predicted, why = RULES[rule].predict(gm, s, base_saved, self.cfg)
                 d.rewritten = predicted < before
                 d.reason = why if not d.rewritten else "rewritten"
+                d.bytes_after = predicted if d.rewritten else before  # the trial measures it
             decisions[(rule, s.key)] = d
         return decisions
 

@@ -244,8 +244,10 @@ def predict(gm: fx.GraphModule, site: ActSite, base_saved: dict[str, int], cfg: 
     def backward_users(node: fx.Node) -> list[fx.Node]:
         return [u for u in node.users if u.name not in dead and is_backward(u)]
 
-    # y stays needed if backward reads it for anything but the activation's own gradient.
-    y_readers = [u for y in site.ys for u in backward_users(nodes[y])]
+    # y stays needed if backward reads it, or a view of it (GPT-2's Conv1D reads
+    # y.view(-1, d)), for anything but the activation's own gradient.
+    ys = [v for y in site.ys for v in [nodes[y], *pw.view_descendants(nodes[y])]]
+    y_readers = [u for y in ys for u in backward_users(y)]
     y_bytes = nbytes(nodes[site.ys[0]].meta["val"]) if y_readers else 0
     # So does x, if backward reads it outside the activation.
     x_readers = backward_users(nodes[site.x])
