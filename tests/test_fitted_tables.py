@@ -1,5 +1,5 @@
 """The derivative-fitted tables (coefficients._FITTED) and their derivation,
-approxbp_fx.derivation.fitted: Lloyd-Max on h' under N(0, 1) with level[0] = 0.
+approxbp_fx.derivation.fitted: Lloyd-Max on h' under N(0, 1).
 
 The maths is checked against independent float64 torch numerics (a grid
 quadrature of h' against the density), not against the derivation's own
@@ -38,6 +38,7 @@ def test_derive_reproduces_shipped_table(name, bits):
     assert fresh.family == "fitted" and (fresh.activation, fresh.bits) == (name, bits)
     assert fresh.a == pytest.approx(shipped.a, abs=1e-9, rel=0)
     assert fresh.c == pytest.approx(shipped.c, abs=1e-9, rel=0)
+    assert fresh.a0 == pytest.approx(shipped.a0, abs=1e-9, rel=0)
 
 
 def test_literal_round_trips():
@@ -61,12 +62,12 @@ def _density(x):
 
 
 @pytest.mark.parametrize("name,bits", ALL)
-def test_levels_are_conditional_means_and_level0_is_zero(name, bits):
-    """Lloyd-Max, first condition: every free level is E[h' | its cell]; level 0 is pinned at 0."""
+def test_levels_are_conditional_means(name, bits):
+    """Lloyd-Max, first condition: every level is E[h' | its cell], the end cells' included."""
     tab = _fitted(name, bits)
-    assert tab.levels[0] == 0.0 and len(tab.levels) == 2**bits and tab.family == "fitted"
+    assert len(tab.levels) == 2**bits and tab.family == "fitted"
     edges = [-12.0, *tab.c, 12.0]  # N(0, 1) mass beyond 12 is ~1e-33
-    for j in range(1, len(tab.levels)):
+    for j in range(len(tab.levels)):
         lo, hi = edges[j], edges[j + 1]
         mean = _simpson(lambda x: exact_derivative(name, x) * _density(x), lo, hi) / _simpson(_density, lo, hi)
         assert mean == pytest.approx(tab.levels[j], abs=1e-10)
@@ -88,11 +89,11 @@ def test_fitted_beats_paper_on_its_objective_and_on_cosine(name):
     paper's is below 0.95 at sigma 0.5 (its knots at +-3.2 / +-6.3 are nearly 1-bit)."""
     for bits in BITS:
         ours, theirs = _fitted(name, bits), table(name, bits, "paper")
-        assert fitted.objective(name, ours.a, ours.c) < fitted.objective(name, theirs.a, theirs.c)
+        assert fitted.objective(ours) < fitted.objective(theirs)
     ours, theirs = _fitted(name, 2), table(name, 2, "paper")
-    for sigma in (0.5, 1, 3):
-        assert fitted.cosine(name, ours.a, ours.c, sigma) >= 0.985
-    assert fitted.cosine(name, theirs.a, theirs.c, 0.5) < 0.95
+    for sigma in (0.25, 0.5, 1, 3):
+        assert fitted.cosine(ours, sigma) >= 0.98
+    assert fitted.cosine(theirs, 0.5) < 0.95
 
 
 def test_cosine_matches_an_independent_quadrature():
@@ -106,7 +107,7 @@ def test_cosine_matches_an_independent_quadrature():
     moments = [_simpson(lambda x: f(x) * _density(x), -12.0, 12.0, 480_000)
                for f in (lambda x: d(x) * step(x), lambda x: d(x) ** 2, lambda x: step(x) ** 2)]
     # The step's jumps cost Simpson's rule its order: 1e-7 at this grid.
-    assert fitted.cosine("gelu", tab.a, tab.c) == pytest.approx(moments[0] / math.sqrt(moments[1] * moments[2]), abs=1e-6)
+    assert fitted.cosine(tab) == pytest.approx(moments[0] / math.sqrt(moments[1] * moments[2]), abs=1e-6)
 
 
 @pytest.mark.parametrize("name", ["gelu", "silu"])
@@ -123,9 +124,18 @@ def test_gradient_and_hessian_of_j_star_match_finite_differences(name):
             assert [float(v) for v in H[k]] == pytest.approx([float(v) for v in fd], rel=1e-7, abs=1e-12)
 
 
+def test_symmetric_under_the_mirror():
+    """h'(-x) = 1 - h'(x) and N(0, 1) is even: every shipped minimiser is mirror symmetric,
+    exactly (the middle knot at 0.0), so level[0] + level[n] = 1."""
+    for name, bits in ALL:
+        tab = _fitted(name, bits)
+        assert tab.c == tuple(-v for v in reversed(tab.c))
+        assert [lo + hi for lo, hi in zip(tab.levels, reversed(tab.levels))] == pytest.approx([1.0] * len(tab.levels))
+
+
 def test_more_bits_fit_better():
     for name in ACTIVATIONS:
-        js = [fitted.objective(name, _fitted(name, k).a, _fitted(name, k).c) for k in BITS]
+        js = [fitted.objective(_fitted(name, k)) for k in BITS]
         assert js == sorted(js, reverse=True)
 
 
@@ -134,10 +144,8 @@ def test_other_sigma_refits_and_n01_is_near_its_fit():
     N(0, 1) table, but by little (the knots stay where h' bends, near 0)."""
     wide, ours = fitted.derive("gelu", 2, sigma=3), _fitted("gelu", 2)
     assert wide.c != ours.c
-    j_wide, j_ours = (fitted.objective("gelu", t.a, t.c, sigma=3) for t in (wide, ours))
-    assert j_wide < j_ours
-    cos_wide, cos_ours = (fitted.cosine("gelu", t.a, t.c, sigma=3) for t in (wide, ours))
-    assert 0 < cos_wide - cos_ours < 0.003
+    assert fitted.objective(wide, sigma=3) < fitted.objective(ours, sigma=3)
+    assert 0 < fitted.cosine(wide, sigma=3) - fitted.cosine(ours, sigma=3) < 0.003
 
 
 def test_default_family_reaches_config_table_and_eager():

@@ -15,23 +15,39 @@ derivative
 
     J(level, c) = E[(h'(X) - s(X))**2],    X ~ N(0, sigma**2),  sigma = SIGMA = 1,
 
-subject to ``level[0] = 0`` only.  This is Lloyd-Max quantisation of
-``h'(X)`` with cells that are intervals *in x*: ``h'`` is not monotone (GELU's
-dips to -0.13 and peaks at 1.13), so cells of nearest level in ``h'`` would not
-be intervals, and the codes must be ``code(x) = #{i : x > c_i}``.
+unconstrained.  This is Lloyd-Max quantisation of ``h'(X)`` with cells that
+are intervals *in x*: ``h'`` is not monotone (GELU's dips to -0.13 and peaks
+at 1.13), so cells of nearest level in ``h'`` would not be intervals, and the
+codes must be ``code(x) = #{i : x > c_i}``.
 
-Dropped from the paper: ``sum a = 1`` and ``sum a c = 0``, i.e. ``h~`` need
-not track ``h`` in the tails.  So ``level[n] = E[h' | X > c_n]`` (1.05 for
-2-bit GELU: its cell contains the hump of ``h'`` above 1).  Kept:
-``level[0] = 0``, so ``h~ = sum a_i ReLU(x - c_i)`` with ``level[j] = a_1 + ...
-+ a_j`` exactly as the paper's tables (same codes, same kernels, same bytes),
-and the gradient far left is 0 as ``h'`` is.  The free ``level[0]`` would be
-the conditional mean on ``C_0`` (-0.05 for 2-bit GELU) and buys 0.0006 of
-per-element cosine at 2 bits: not worth a second representation.
+Dropped from the paper: ``sum a = 1`` and ``sum a c = 0`` (``h~`` need not
+track ``h`` in the tails, so ``level[n] = E[h' | X > c_n]``, 1.05 for 2-bit
+GELU, whose top cell holds the hump of ``h'`` above 1) and ``level[0] = 0``
+(``level[0] = E[h' | X < c_1]``, -0.046 for 2-bit GELU, where ``h'`` dips
+below 0).  The table keeps the paper's form with one more term,
+``h~(x) = a0 x + sum a_i ReLU(x - c_i)`` (``level[j] = a0 + a_1 + ... + a_j``):
+same codes, same kernels, same bytes.  The tails are safe: ``h'`` lies in
+[-0.13, 1.13] (SiLU: [-0.10, 1.10]) and the end levels are its mean over the
+end cells, so far out the step is off by at most ``|level[0]|`` on the left
+(``h' -> 0``) and ``|level[n] - 1|`` on the right.  Pinning ``level[0] = 0``
+costs 0.0006 of per-element cosine under N(0, 1) but 0.005 under MiniLM's
+GELU inputs (mean -0.74, std 1.0: much of their mass is where ``h' < 0``),
+and the pretrained MiniLM's whole-model gradient cosine 0.987 against 0.993
+(docs/fidelity.md).
 
-``SIGMA = 1``: LayerNorm'd inputs times initialised weights give
-pre-activations of order 1; docs/fidelity.md measures the per-element cosine
-of these tables at ``sigma`` 0.5-3 and on real models' pre-activations.
+``SIGMA = 1``: one fixed table for every site.  Random-init transformers feed
+their MLPs inputs of std ~0.22, pretrained MiniLM mean -0.74 and std 1.0.  At
+2 bits the N(0, 1) table keeps a per-element cosine >= 0.980 over sigma in
+[0.25, 3]; a table fitted to sigma = 0.25 gains 0.013 there but falls to
+0.95 at sigma = 1 (GELU; SiLU 0.94), because its knots shrink to +-0.23
+(docs/fidelity.md has the figures).  The knots of the N(0, 1) fit sit where
+``h'`` bends, and a scale is not known per site without a calibration pass.
+
+Symmetry: ``h'(-x) = 1 - h'(x)`` and the density is even, so ``J`` is
+invariant under ``(c, level) -> (-reversed(c), 1 - reversed(level))``.  A
+symmetric minimiser is shipped exactly symmetric (middle knot at 0); an
+asymmetric one in the orientation whose knots sum to >= 0, as the paper's
+family does.
 
 Levels for fixed knots
 ----------------------
@@ -39,7 +55,7 @@ Levels for fixed knots
 conditional mean, ``level[j] = m1_j / m0_j`` with ``m0_j = P(X in C_j)`` and
 ``m1_j = E[h'(X); X in C_j]``.  Then
 
-    J*(c) = E[h'**2] - sum_{j >= 1} m1_j**2 / m0_j.
+    J*(c) = E[h'**2] - sum_j m1_j**2 / m0_j.
 
 Knots: Newton on J*
 -------------------
@@ -57,26 +73,26 @@ ascending knots) runs in double precision from a few starts (quantiles of
 ``N(0, sigma**2)`` at three scales), and the lowest ``J`` is polished at 30
 digits and accepted only where the Hessian is positive definite.
 
-Floats: ``c`` and ``a_j = level[j] - level[j-1]``, each correctly rounded from
-the polished values.  ``python -m approxbp_fx.derivation.fitted`` re-derives
+Floats: ``c``, ``a0 = level[0]`` and ``a_j = level[j] - level[j-1]``, each
+correctly rounded from the polished values.  ``python -m approxbp_fx.derivation.fitted`` re-derives
 every table and prints the ``_FITTED`` literal of approxbp_fx/coefficients.py.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import mpmath as mp
 
 from ..activations import ACTIVATIONS, check_activation
 from ..coefficients import BITS, StepTable, _check_bits
 from .fitted_cells import CellPoint, Derivative
+from .gates import mirror
 from .linalg import is_positive_definite
 from .literal import format_literal
 from .newton import best_of, newton
 
-__all__ = ["SIGMA", "derive", "objective", "cosine"]
+__all__ = ["SIGMA", "derive", "objective", "relative_error", "cosine"]
 
 SIGMA = 1  # the input distribution N(0, SIGMA**2); module docstring and docs/fidelity.md
 _SCALES = ("0.5", "1", "2")  # starts: quantiles of N(0, (scale * SIGMA)**2)
@@ -101,10 +117,20 @@ def derive(activation: str, bits: int, sigma=SIGMA) -> StepTable:
         _, H = pt.derivatives()
         if not is_positive_definite(H):  # pragma: no cover
             raise RuntimeError(f"{activation!r}, {bits} bits: Newton stopped at a saddle of J*")
-        lv = pt.levels
+        c, lv = _canonical(list(pt.c), list(pt.levels))
         a = tuple(float(hi - lo) for lo, hi in zip(lv, lv[1:]))
-        c = tuple(float(v) for v in pt.c)
-    return StepTable(activation, bits, a, c, "fitted")
+    return StepTable(activation, bits, a, tuple(float(v) for v in c), "fitted", a0=float(lv[0]))
+
+
+def _canonical(c, lv):
+    """A mirror-symmetric minimiser made exactly symmetric (its asymmetry is
+    rounding noise: the middle knot at 0, not 1e-31); of an asymmetric mirror
+    pair, the member whose knots sum to >= 0."""
+    mc, ml = mirror(c), [1 - v for v in reversed(lv)]
+    noise = mp.mpf(10) ** (10 - mp.mp.dps)
+    if all(abs(u - v) < noise for u, v in zip(c + lv, mc + ml)):
+        return [(u + v) / 2 for u, v in zip(c, mc)], [(u + v) / 2 for u, v in zip(lv, ml)]
+    return (mc, ml) if mp.fsum(c) < 0 else (c, lv)
 
 
 def _starts(n: int, sigma) -> list[list[float]]:
@@ -113,37 +139,42 @@ def _starts(n: int, sigma) -> list[list[float]]:
     return [[float(scale) * sigma * v for v in q] for scale in _SCALES]
 
 
-def _moments(activation: str, a: Sequence[float], c: Sequence[float], sigma):
-    """``(E[h'^2], E[h' s], E[s^2])`` for the step derivative of slopes ``a``, knots ``c``."""
-    act = Derivative(activation, sigma)
-    levels = [mp.fsum(a[:j]) for j in range(len(a) + 1)]
-    edges = [-mp.inf] + [mp.mpf(v) for v in c] + [mp.inf]
+def _moments(tab: StepTable, sigma):
+    """``(E[h'^2], E[h' s], E[s^2])`` for the step derivative of ``tab``."""
+    act = Derivative(tab.activation, sigma)
+    levels = [mp.fsum([tab.a0, *tab.a[:j]]) for j in range(len(tab.a) + 1)]
+    edges = [-mp.inf] + [mp.mpf(v) for v in tab.c] + [mp.inf]
     cells = list(zip(edges, edges[1:]))
     cross = mp.fsum(lv * act.moment(lo, hi) for lv, (lo, hi) in zip(levels, cells))
     step = mp.fsum(lv**2 * act.mass(lo, hi) for lv, (lo, hi) in zip(levels, cells))
     return act.second, cross, step
 
 
-def objective(activation: str, a: Sequence[float], c: Sequence[float], sigma=SIGMA) -> float:
-    """``J = E[(h'(X) - s(X))**2]``, ``X ~ N(0, sigma**2)``, for any table's ``a``, ``c``."""
-    check_activation(activation)
+def objective(tab: StepTable, sigma=SIGMA) -> float:
+    """``J = E[(h'(X) - s(X))**2]``, ``X ~ N(0, sigma**2)``, for any table (either family)."""
     with mp.workdps(_DPS):
-        d2, cross, step = _moments(activation, a, c, sigma)
+        d2, cross, step = _moments(tab, sigma)
         return float(d2 - 2 * cross + step)
 
 
-def cosine(activation: str, a: Sequence[float], c: Sequence[float], sigma=SIGMA) -> float:
+def relative_error(tab: StepTable, sigma=SIGMA) -> float:
+    """``J / E[h'(X)**2]``: 0 for the exact derivative, 1 for the all-zero step."""
+    with mp.workdps(_DPS):
+        d2, cross, step = _moments(tab, sigma)
+        return float((d2 - 2 * cross + step) / d2)
+
+
+def cosine(tab: StepTable, sigma=SIGMA) -> float:
     """Per-element cosine ``E[h' s] / sqrt(E[h'^2] E[s^2])`` under ``N(0, sigma**2)``:
     how well the step derivative points along the exact one, scale aside."""
-    check_activation(activation)
     with mp.workdps(_DPS):
-        d2, cross, step = _moments(activation, a, c, sigma)
+        d2, cross, step = _moments(tab, sigma)
         return float(cross / mp.sqrt(d2 * step))
 
 
 def _literal(tables) -> str:
     """The ``_FITTED = {...}`` block of approxbp_fx/coefficients.py for ``tables``."""
-    return format_literal("_FITTED", tables, objective)
+    return format_literal("_FITTED", tables, objective, with_a0=True)
 
 
 def main() -> None:

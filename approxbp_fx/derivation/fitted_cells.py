@@ -1,7 +1,7 @@
 """The derivative-fitted objective reduced to the knots: ``J*(c)``, its gradient and Hessian.
 
 For fixed knots the best levels are the conditional means of ``h'`` on the
-cells (level 0 pinned at 0); the maths is in fitted.py's docstring.
+cells; the maths is in fitted.py's docstring.
 """
 
 from __future__ import annotations
@@ -70,9 +70,8 @@ class CellPoint:
         self.m1 = [act.moment(lo, hi) for lo, hi in zip(edges, edges[1:])]
         if not all(m > 0 for m in self.m0):
             raise ZeroDivisionError("a cell of zero mass")
-        # Level 0 is pinned at 0 (see fitted.py): cell 0 keeps its E[h'^2].
-        self.levels = [ctx.mpf(0)] + [m1 / m0 for m0, m1 in zip(self.m0[1:], self.m1[1:])]
-        self.J = act.second - act.fsum(m * lv for m, lv in zip(self.m1[1:], self.levels[1:]))
+        self.levels = [m1 / m0 for m0, m1 in zip(self.m0, self.m1)]
+        self.J = act.second - act.fsum(m * lv for m, lv in zip(self.m1, self.levels))
 
     def derivatives(self):
         """Gradient and (tridiagonal) Hessian of ``J*``, with ``p = phi(c_k)``,
@@ -80,7 +79,7 @@ class CellPoint:
         ``M = 2 h'(c_k) - L - R``:
 
             dJ*/dc_k = p D M
-            dR/dc_k = -p (h'_k - R) / m0_R,   dL/dc_k = p (h'_k - L) / m0_L  (0 if L is pinned)
+            dR/dc_k = -p (h'_k - R) / m0_R,   dL/dc_k = p (h'_k - L) / m0_L
         """
         act, c, n = self.act, self.c, self.n
         lv, m0 = self.levels, self.m0
@@ -88,9 +87,10 @@ class CellPoint:
         p = [act.pdf(v) for v in c]
         d1 = [act.d1(v) for v in c]
         d2 = [act.d2(v) for v in c]
-        # How the level of cell j moves with its own left / right edge.
+        # How the level of cell j moves with its own left / right edge (cells 0
+        # and n have none at -inf / +inf).
         left = [zero] + [-p[j - 1] * (d1[j - 1] - lv[j]) / m0[j] for j in range(1, n + 1)]
-        right = [zero] + [p[j] * (d1[j] - lv[j]) / m0[j] for j in range(1, n)] + [zero]
+        right = [p[j] * (d1[j] - lv[j]) / m0[j] for j in range(n)] + [zero]
         g, H = [], [[zero] * n for _ in range(n)]
         for k in range(n):
             L, R = lv[k], lv[k + 1]
