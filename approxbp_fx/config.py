@@ -27,7 +27,7 @@ class ApproxBPConfig:
         model = torch.compile(model, backend=approxbp_fx.backend(cfg))
     """
 
-    # Bits per derivative code. 2 is the paper's ReGELU2/ReSiLU2 (4 codes per
+    # Bits per derivative code. 2 is the paper's setting (4 codes per
     # byte); coefficients.BITS (1..4) are shipped. Codes are packed 8 // bits to a byte, so 3 bits
     # cost a nibble of storage.
     bits: int = 2
