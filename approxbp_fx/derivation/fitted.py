@@ -32,8 +32,8 @@ end cells, so far out the step is off by at most ``|level[0]|`` on the left
 (``h' -> 0``) and ``|level[n] - 1|`` on the right.  Pinning ``level[0] = 0``
 costs 0.0006 of per-element cosine under N(0, 1) but 0.005 under MiniLM's
 GELU inputs (mean -0.74, std 1.0: much of their mass is where ``h' < 0``),
-and the pretrained MiniLM's whole-model gradient cosine 0.987 against 0.993
-(docs/fidelity.md).
+and the pretrained MiniLM's whole-model gradient cosine 0.987-0.989 against
+0.991-0.993 (docs/fidelity.md).
 
 ``SIGMA = 1``: one fixed table for every site.  Random-init transformers feed
 their MLPs inputs of std ~0.22, pretrained MiniLM mean -0.74 and std 1.0.  At
