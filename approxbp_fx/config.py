@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .activations import ACTIVATIONS
-from .coefficients import BITS
+from .coefficients import BITS, DEFAULT_TABLE, TABLES
 
 __all__ = ["ApproxBPConfig"]
 
@@ -28,10 +28,17 @@ class ApproxBPConfig:
         model = torch.compile(model, backend=approxbp_fx.backend(cfg))
     """
 
-    # Bits per derivative code. 2 is the paper's ReGELU2/ReSiLU2 (4 codes per
+    # Bits per derivative code. 2 is the paper's setting (4 codes per
     # byte); coefficients.BITS (1..4) are shipped. Codes are packed 8 // bits to a byte, so 3 bits
     # cost a nibble of storage.
     bits: int = 2
+
+    # Which step tables give the codes' thresholds and levels (coefficients.TABLES).
+    # "fitted": fitted to the derivative under N(0, 1), the default: at 2 bits
+    # its per-element cosine with GELU' is 0.99 against the paper's 0.95.
+    # "paper": the paper's ReGELU2/ReSiLU2 (h~ fitted to h over the whole line).
+    # Same bits, same codes, same bytes; docs/fidelity.md measures both.
+    table: str = DEFAULT_TABLE
 
     # Approx-BP for GELU/SiLU-family activations (passes/save_act_codes.py).
     save_act_codes: bool = True
@@ -86,6 +93,8 @@ class ApproxBPConfig:
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in BITS:
             raise ValueError(f"ApproxBPConfig.bits must be an int in {BITS[0]}..{BITS[-1]}, got {self.bits!r}")
+        if self.table not in TABLES:
+            raise ValueError(f"ApproxBPConfig.table must be one of {TABLES}, got {self.table!r}")
         for flag in ("save_act_codes", "share_norm_input", "fused_attention", "pack_bool_masks"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"ApproxBPConfig.{flag} must be a bool, got {getattr(self, flag)!r}")

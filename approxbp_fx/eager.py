@@ -25,7 +25,7 @@ from torch import nn
 
 from .activations import exact_forward
 from .codes import code_grad_of, nonfinite_flag, pack_codes
-from .coefficients import StepTable, table
+from .coefficients import DEFAULT_TABLE, StepTable, table
 
 __all__ = ["approx_activation", "ApproxActivation", "ms_norm", "MSNorm", "swap_modules"]
 
@@ -45,23 +45,25 @@ class _ApproxActivationFn(torch.autograd.Function):
         return code_grad_of(grad, codes, nonfinite, tab.levels, tab.bits, grad.dtype), None
 
 
-def approx_activation(x: torch.Tensor, activation: str = "gelu", bits: int = 2) -> torch.Tensor:
-    """Exact ``activation(x)`` whose backward is the ``bits``-bit step derivative."""
-    return _ApproxActivationFn.apply(x, table(activation, bits))
+def approx_activation(
+    x: torch.Tensor, activation: str = "gelu", bits: int = 2, family: str = DEFAULT_TABLE
+) -> torch.Tensor:
+    """Exact ``activation(x)`` whose backward is the ``bits``-bit step derivative of ``family``'s table."""
+    return _ApproxActivationFn.apply(x, table(activation, bits, family))
 
 
 class ApproxActivation(nn.Module):
     """Drop-in module for eager use, e.g. ``ApproxActivation("gelu", bits=2)`` for ``nn.GELU()``."""
 
-    def __init__(self, activation: str = "gelu", bits: int = 2) -> None:
+    def __init__(self, activation: str = "gelu", bits: int = 2, family: str = DEFAULT_TABLE) -> None:
         super().__init__()
-        self.table = table(activation, bits)
+        self.table = table(activation, bits, family)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ApproxActivationFn.apply(x, self.table)
 
     def extra_repr(self) -> str:
-        return f"activation={self.table.activation!r}, bits={self.table.bits}"
+        return f"activation={self.table.activation!r}, bits={self.table.bits}, table={self.table.family!r}"
 
 
 class _MSNormFn(torch.autograd.Function):
@@ -197,19 +199,22 @@ def _norm_swap(m: nn.Module) -> MSNorm | None:
     return None
 
 
-def swap_modules(model: nn.Module, bits: int = 2, *, activations: bool = True, norms: bool = True) -> dict[str, int]:
+def swap_modules(
+    model: nn.Module, bits: int = 2, *, family: str = DEFAULT_TABLE, activations: bool = True, norms: bool = True
+) -> dict[str, int]:
     """Replace, in place, GELU/SiLU modules by :class:`ApproxActivation` and
     LayerNorm/RMSNorm modules by :class:`MSNorm`: the paper's method applied
     eagerly. Returns how many of each were swapped, e.g.
     ``{"gelu": 12, "layer_norm": 25}``; activations called as functions
-    (``F.gelu`` in a forward) are not modules and stay exact.
+    (``F.gelu`` in a forward) are not modules and stay exact.  ``bits`` and
+    ``family`` pick the activations' step table, as in ApproxBPConfig.
     """
     counts: dict[str, int] = {}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             new: nn.Module | None = None
             if activations and (act := _activation_name(child)) is not None:
-                new, key = ApproxActivation(act, bits), act
+                new, key = ApproxActivation(act, bits, family), act
             elif norms and (norm := _norm_swap(child)) is not None:
                 new, key = norm, norm.kind
             if new is not None:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .activations import ACTIVATIONS
 from .backend import backend, inductor_with_recompute
 from .config import ApproxBPConfig
 from .measure import default_loss, saved_activation_bytes
@@ -49,6 +50,9 @@ class Explanation:
     approxbp_bytes: int = 0
     # per joint graph, the recompute approxbp partitioned it with (ApproxBPConfig.recompute)
     recompute: list[str] = field(default_factory=list)
+    # The rewritten activations' step derivative: ApproxBPConfig.bits and .table.
+    bits: int = 0
+    table: str = ""
 
     @property
     def ratio(self) -> float:
@@ -66,6 +70,8 @@ class Explanation:
             lines.append(row.rstrip())
         if not self.sites:
             lines.append("(no activation sites found)")
+        elif any(s.rewritten and s.op in ACTIVATIONS for s in self.sites):
+            lines.append(f"activation backward: {self.bits}-bit step derivative, {self.table!r} tables")
         if self.recompute:
             lines.append(f"partitioned with pointwise recompute: {', '.join(self.recompute)}")
         lines.append(
@@ -187,7 +193,8 @@ def explain(
     model = _original(model)
     _check_inputs(model, example_args, example_kwargs)
     reports: list[GraphReport] = []
-    exp = Explanation()
+    config = config or ApproxBPConfig()
+    exp = Explanation(bits=config.bits, table=config.table)
     with _grads_restored(model), _fresh_compiles():
         run = lambda f: saved_activation_bytes(f, *example_args, params=model, loss_fn=loss_fn, **example_kwargs)
         exp.eager_bytes = run(model)

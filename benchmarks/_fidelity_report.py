@@ -76,6 +76,11 @@ def _arm_row(arm: str, a: dict, exact: dict) -> list[str]:
     return [arm, *metrics, f"{final:.4f}", f"{a['saved_bytes'] / MIB:.2f} MiB", *dev]
 
 
+def arm_commands(t: dict) -> list[str]:
+    """The distinct commands behind a task's arms (a row without one came from the task's command)."""
+    return list(dict.fromkeys(a.get("command", t["command"]) for a in t["arms"].values()))
+
+
 def task_section(name: str, t: dict, png: str | None) -> list[str]:
     exact = t["arms"][EXACT]
     out = [
@@ -83,8 +88,9 @@ def task_section(name: str, t: dict, png: str | None) -> list[str]:
         "",
         f"{t['params'] / 1e6:.1f}M parameters, {t['trainable'] / 1e6:.3f}M trainable; {t['steps']} steps, batch "
         f"{t['batch']}, AdamW lr {t['lr']}, seeds {', '.join(map(str, t['seeds']))}. What the rewrite can touch: "
-        f"{t['rewritable']}. Produced by `{t['command']}` on {t['meta']['date']} ({t['meta']['machine']}, "
-        f"torch {t['meta']['torch']}); the task took {t['seconds'] / 60:.1f} min.",
+        f"{t['rewritable']}. Produced by " + " and ".join(f"`{c}`" for c in arm_commands(t))
+        + f", the last on {t['meta']['date']} ({t['meta']['machine']}, torch {t['meta']['torch']}), "
+        f"which took {t['seconds'] / 60:.1f} min.",
         "",
         *markdown_table(["arm", *exact["metrics"], "final train loss (mean)", "saved bytes, step 1",
                          f"loss deviation from inductor, steps 1-{EARLY}", "all steps"],
@@ -139,7 +145,7 @@ def render(record: dict, docs: Path) -> str:
     old = md.read_text() if md.exists() else ""
     kept = NOTES.search(old)
     notes = kept.group(0) if kept else "<!-- notes -->\n<!-- /notes -->"
-    commands = list(dict.fromkeys(t["command"] for t in tasks.values()))
+    commands = list(dict.fromkeys(c for t in tasks.values() for c in arm_commands(t)))
     out = [
         "# Fine-tuning parity on real models and real data",
         "",

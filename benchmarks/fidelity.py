@@ -3,6 +3,14 @@
     python -m benchmarks.fidelity                                  # every task, 3 seeds, CPU-sized
     python -m benchmarks.fidelity --tasks vit-mnist --bits 2 3     # a higher-bit arm as well
     python -m benchmarks.fidelity --tasks minilm-bbc-full --device cuda --steps 300 --batch 32
+    python -m benchmarks.fidelity --tables fitted --reuse            # add the fitted arm, keep the rest
+
+Arms: ``inductor`` and one approxbp arm per ``--bits`` and ``--tables`` entry,
+``approxbp_b<bits>`` for the paper's tables and ``approxbp_b<bits>_<table>``
+for the others (ApproxBPConfig.table).  With ``--reuse``, arms the results file
+already holds for a task (same steps, batch, lr and seeds) are kept, not rerun;
+the exact arm is then rerun for its first step only, to get the gradients the
+cosines need, and must reproduce its recorded first loss bit for bit.
 
 For each task (``_fidelity_tasks.TASKS``) and each backend, the model is
 compiled once; every seed then copies its initial trainable weights back in,
@@ -40,6 +48,7 @@ from torch._dynamo.utils import counters
 
 import approxbp_fx
 from approxbp_fx import ApproxBPConfig
+from approxbp_fx.coefficients import TABLES
 from approxbp_fx.measure import count_saved_bytes
 
 from ._fidelity_tasks import TASKS, Task
@@ -48,18 +57,24 @@ from ._report import ROOT, provenance
 EXACT = "inductor"
 
 
-def arm_name(bits: int) -> str:
-    return f"approxbp_b{bits}"
+def arm_name(bits: int, table: str = "paper") -> str:
+    """``approxbp_b2`` (the paper's tables: the name the recorded runs carry), ``approxbp_b2_fitted``."""
+    return f"approxbp_b{bits}" + ("" if table == "paper" else f"_{table}")
+
+
+def arm_config(arm: str) -> ApproxBPConfig:
+    """The inverse of :func:`arm_name`."""
+    bits, _, table = arm.removeprefix("approxbp_b").partition("_")
+    # recompute="banned": the arms measure the approximation wherever it pays
+    # against inductor's default partition. Under the default "auto" a GELU
+    # whose consumer is trainable may go to pointwise recompute and stay exact.
+    return ApproxBPConfig(bits=int(bits), table=table or "paper", recompute="banned")
 
 
 def compile_arm(model: torch.nn.Module, arm: str, reports: list):
     if arm == EXACT:
         return torch.compile(model, backend="inductor")
-    # recompute="banned": the arms measure the approximation wherever it pays
-    # against inductor's default partition. Under the default "auto" a GELU
-    # whose consumer is trainable may go to pointwise recompute and stay exact.
-    cfg = ApproxBPConfig(bits=int(arm.removeprefix("approxbp_b")), recompute="banned")
-    return torch.compile(model, backend=approxbp_fx.backend(cfg, on_report=reports.append))
+    return torch.compile(model, backend=approxbp_fx.backend(arm_config(arm), on_report=reports.append))
 
 
 def initial_weights(task: Task, seeds: list[int]) -> dict[int, dict[str, torch.Tensor]]:
@@ -79,7 +94,10 @@ def initial_weights(task: Task, seeds: list[int]) -> dict[int, dict[str, torch.T
 
 def train(task: Task, fn, init: dict[str, torch.Tensor], seed: int, steps: int, batch: int, lr: float,
           amp: bool, device: torch.device) -> dict:
-    """One seed under one compiled model: losses, final metrics, first-step bytes and grads."""
+    """One seed under one compiled model: losses, final metrics, first-step bytes and grads.
+
+    The first batches do not depend on ``steps`` (the order is a seeded
+    permutation, repeated): a 1-step run repeats a full run's first step."""
     model = task.model
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with torch.no_grad():
@@ -151,7 +169,8 @@ def rewrite_summary(reports: list) -> dict:
     return out
 
 
-def run_task(name: str, args) -> dict:
+def run_task(name: str, args, prior: dict | None, command: str) -> dict:
+    """Train every arm of ``name`` (``prior``: that task's recorded entry, whose arms are kept)."""
     t0 = time.perf_counter()
     task = TASKS[name]()
     device = torch.device(args.device)
@@ -161,38 +180,80 @@ def run_task(name: str, args) -> dict:
     lr = args.lr or task.defaults["lr"]
     inits = initial_weights(task, args.seeds)
     print(f"[{name}] loaded in {time.perf_counter() - t0:.0f}s; {steps} steps x batch {batch}, lr {lr}", flush=True)
-    arms = [EXACT] + [arm_name(b) for b in args.bits]
+    if prior is not None and (prior["steps"], prior["batch"], prior["lr"], prior["seeds"]) != (
+            steps, batch, lr, sorted(args.seeds)):
+        prior = None  # a different run: nothing in it is comparable
+    # A recorded row carries the command that produced it (rows from before
+    # --reuse existed: the task's command).
+    kept = {arm: {"command": prior["command"], **row} for arm, row in prior["arms"].items()} if prior else {}
+    arms = [EXACT] + [arm_name(b, t) for b in args.bits for t in args.tables]
     runs: dict[str, dict[int, dict]] = {}
     rewrites: dict[str, dict] = {}
     for arm in arms:
+        if arm in kept and arm != EXACT:
+            continue
         torch._dynamo.reset()
         counters.clear()
         reports: list = []
         fn = compile_arm(task.model, arm, reports)
         runs[arm] = {}
         for seed in args.seeds:
-            runs[arm][seed] = r = train(task, fn, {n: t.to(device) for n, t in inits[seed].items()}, seed, steps,
-                                        batch, lr, args.amp, device)
+            init = {n: t.to(device) for n, t in inits[seed].items()}
+            if arm == EXACT and arm in kept:
+                runs[arm][seed] = first_step_again(task, fn, init, seed, kept[arm], batch, lr, args.amp, device,
+                                                   args.reuse_rtol)
+                continue
+            runs[arm][seed] = r = train(task, fn, init, seed, steps, batch, lr, args.amp, device)
             print(f"[{name}] {arm} seed {seed}: {r['metrics']} final loss {r['losses'][-1]:.4f} "
                   f"({r['train_s']}s, saved {r['saved_bytes']} B)", flush=True)
         if arm != EXACT:
             rewrites[arm] = rewrite_summary(reports)
             if not any(v["rewritten"] for v in rewrites[arm].values()):
                 raise RuntimeError(f"{name}/{arm}: approxbp rewrote no site ({rewrites[arm]}); parity would be vacuous")
-    return summarise(task, runs, rewrites, steps=steps, batch=batch, lr=lr, seconds=time.perf_counter() - t0)
+    return summarise(task, runs, rewrites, kept, command=command, steps=steps, batch=batch, lr=lr,
+                     seconds=time.perf_counter() - t0)
+
+
+def first_step_again(task: Task, fn, init: dict, seed: int, recorded: dict, batch: int, lr: float, amp: bool,
+                     device: torch.device, rtol: float) -> dict:
+    """The exact arm's first step, rerun for its gradients; its recorded final metrics stand.
+
+    The evaluation after that step is thrown away, but it is run: its batch
+    shape recompiles the model (dynamic shapes), as it did in the full run.
+    The first loss must match the recorded one to ``rtol`` (``--reuse-rtol``):
+    vit-mnist's seed 2 comes out 1e-7 (2 ulp) off, the graph's reductions
+    being compiled once more, which no cosine resolves; anything larger is a
+    different run, unless the caller says how much drift to accept.
+    """
+    r = train(task, fn, init, seed, 1, batch, lr, amp, device)
+    now, was = r["losses"][0], recorded["losses"][str(seed)][0]
+    if abs(now - was) > rtol * abs(was):
+        raise RuntimeError(f"seed {seed}: first-step loss {now!r}, recorded {was!r}: not reproducible, "
+                           "so the recorded arms cannot be reused; rerun without --reuse")
+    metrics = {k: v["per_seed"][recorded_seeds(recorded).index(seed)] for k, v in recorded["metrics"].items()}
+    return {**r, "metrics": metrics, "first_loss_rel_dev": abs(now - was) / abs(was)}
+
+
+def recorded_seeds(row: dict) -> list[int]:
+    return sorted(int(s) for s in row["losses"])
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
 
 
-def summarise(task: Task, runs: dict, rewrites: dict, **meta) -> dict:
+def summarise(task: Task, runs: dict, rewrites: dict, kept: dict, **meta) -> dict:
+    """The task's entry: a row per arm run now (``runs``) or kept from before (``kept``)."""
     exact = runs[EXACT]
     arms: dict[str, dict] = {}
     for arm, by_seed in runs.items():
+        if arm == EXACT and arm in kept:
+            arms[arm] = {**kept[arm], "first_loss_rel_dev": max(r["first_loss_rel_dev"] for r in by_seed.values())}
+            continue
         seeds = sorted(by_seed)
         metrics = {k: _mean_std([by_seed[s]["metrics"][k] for s in seeds]) for k in by_seed[seeds[0]]["metrics"]}
         row = {
+            "command": meta["command"],
             "metrics": {k: {"mean": m, "std": s, "per_seed": [by_seed[x]["metrics"][k] for x in seeds]}
                         for k, (m, s) in metrics.items()},
             "losses": {str(s): by_seed[s]["losses"] for s in seeds},
@@ -207,13 +268,17 @@ def summarise(task: Task, runs: dict, rewrites: dict, **meta) -> dict:
                 (ma, sa), (me, se) = metrics[k], _mean_std([exact[s]["metrics"][k] for s in seeds])
                 spread = max(sa, se)
                 row["parity"][k] = {"diff": ma - me, "spread": spread, "holds": abs(ma - me) <= spread}
-            row["max_rel_loss_dev"] = max(
-                abs(a - e) / abs(e) for s in seeds for a, e in zip(by_seed[s]["losses"], exact[s]["losses"]))
+            row["max_rel_loss_dev"] = max(abs(a - e) / abs(e) for s in seeds
+                                          for a, e in zip(by_seed[s]["losses"], arms[EXACT]["losses"][str(s)]))
         arms[arm] = row
+    # Kept arms first, in their recorded order, then the new ones.
+    arms = {**{a: kept[a] for a in kept if a not in arms}, **arms}
+    arms = {EXACT: arms.pop(EXACT), **arms}
+    meta.pop("command")
     return {"metric": task.metric, "higher_is_better": task.higher_is_better, "rewritable": task.rewritable,
             "params": sum(p.numel() for p in task.model.parameters()),
             "trainable": sum(p.numel() for p in task.model.parameters() if p.requires_grad),
-            "seeds": sorted(runs[EXACT]), **meta, "arms": arms}
+            "seeds": sorted(exact), **meta, "arms": arms}
 
 
 def main(argv=None) -> int:
@@ -221,6 +286,12 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--bits", nargs="+", type=int, default=[2], help="one approxbp arm per value (ApproxBPConfig.bits)")
+    p.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES,
+                   help="one approxbp arm per bits and value (ApproxBPConfig.table)")
+    p.add_argument("--reuse", action="store_true",
+                   help="keep the arms the results file holds for a task; rerun only the others")
+    p.add_argument("--reuse-rtol", type=float, default=1e-6,
+                   help="how far a reused exact arm's rerun first loss may be from the recorded one")
     p.add_argument("--steps", type=int, default=None, help="override every task's training steps")
     p.add_argument("--batch", type=int, default=None, help="override every task's batch size")
     p.add_argument("--lr", type=float, default=None, help="override every task's learning rate")
@@ -249,7 +320,9 @@ def main(argv=None) -> int:
     # so approxbp's GraphReports (and the rewrite check) would be empty.
     with fc.patch(enable_autograd_cache=False), torch._dynamo.config.patch(cache_size_limit=64):
         for name in args.tasks:
-            record["tasks"][name] = {"command": command, "meta": meta, **run_task(name, args)}
+            prior = record["tasks"].get(name) if args.reuse else None
+            entry = run_task(name, args, prior, command=command)
+            record["tasks"][name] = {"command": command, "meta": meta, **entry}
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(record, indent=1) + "\n")
     if not args.no_render:

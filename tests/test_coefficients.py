@@ -19,13 +19,19 @@ import torch
 
 from approxbp_fx import coefficients as C
 from approxbp_fx.activations import ACTIVATIONS
-from approxbp_fx.coefficients import BITS, StepTable, table
+from approxbp_fx.coefficients import BITS, StepTable
+from approxbp_fx.coefficients import table as _table
 from approxbp_fx.derivation import paper
 from approxbp_fx.derivation.gates import per_activation
 from approxbp_fx.derivation.paper import derive, objective, optimal_slopes
 from approxbp_fx.derivation.residual import Residual
 
 ALL = [(name, bits) for name in ACTIVATIONS for bits in BITS]
+
+
+def table(name: str, bits: int) -> StepTable:
+    """The paper's family, which this file tests (tests/test_fitted_tables.py has the other)."""
+    return _table(name, bits, "paper")
 
 # Yang et al. 2024 (simulated annealing), k = 2.
 PAPER = {
@@ -402,7 +408,7 @@ pkg.__path__ = [PKG_DIR]
 sys.modules["approxbp_fx"] = pkg
 import approxbp_fx.coefficients as C
 for name, bits in C._SHIPPED:
-    tab = C.table(name, bits)
+    tab = C.table(name, bits, "paper")
     assert len(tab.levels) == 2**bits and tab.levels[-1] == 1.0
 print(list(C._SHIPPED))
 """

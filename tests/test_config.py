@@ -15,6 +15,7 @@ import torch
 
 import approxbp_fx
 from approxbp_fx import ApproxBPConfig
+from approxbp_fx.coefficients import DEFAULT_TABLE, TABLES
 
 
 @pytest.mark.parametrize(
@@ -31,6 +32,7 @@ from approxbp_fx import ApproxBPConfig
         ({"recompute": True}, ValueError, "recompute must be one of"),
         ({"fused_attention": "yes"}, TypeError, "must be a bool"),
         ({"act_lowering": "triton"}, ValueError, "act_lowering must be one of"),
+        ({"table": "lloyd"}, ValueError, "table must be one of"),
     ],
 )
 def test_bad_config_values_fail_clearly(kwargs, error, match):
@@ -79,6 +81,7 @@ def test_partitioner_uuid_tracks_config():
 # One value other than the default for every field; a new field must add one here.
 _OTHER_VALUE = {
     "bits": 3,
+    "table": next(t for t in TABLES if t != DEFAULT_TABLE),
     "save_act_codes": False,
     "fused_attention": False,
     "pack_bool_masks": False,

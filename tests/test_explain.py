@@ -90,3 +90,10 @@ def test_a_model_that_takes_a_dict_still_gets_one():
     exp = approxbp_fx.explain(_TakesADict(inner), {"x": x})
     assert [s.op for s in exp.sites] == ["gelu"]
     assert exp.approxbp_bytes < exp.inductor_bytes
+
+
+def test_the_report_names_the_step_table():
+    model, x = _model()
+    exp = approxbp_fx.explain(model, x, config=ApproxBPConfig(bits=3, table="paper"))
+    assert (exp.bits, exp.table) == (3, "paper")
+    assert "activation backward: 3-bit step derivative, 'paper' tables" in str(exp).splitlines()

@@ -21,12 +21,19 @@ def test_pack_then_unpack_gives_the_step_derivative(bits, numel):
     torch.testing.assert_close(unpack_levels(codes, tab.levels, bits, numel), step_derivative(x, tab))
 
 
-def test_step_derivative_values_by_hand():
-    tab = table("gelu", 2)
-    x = torch.tensor([-10.0, -1.0, 1.0, 10.0, float("nan")])
+@pytest.mark.parametrize(
+    "family, inner, ends",
+    # One x inside each of the two inner cells, and the end levels: the paper's
+    # (knots -3.17, 0, 3.17) are 0 and 1; the fitted ones' (knots -0.499, 0, 0.499)
+    # are E[GELU' | x < -0.499] and E[GELU' | x > 0.499].
+    [("paper", (-1.0, 1.0), (0.0, 1.0)), ("fitted", (-0.25, 0.25), (-0.0464, 1.0464))],
+)
+def test_step_derivative_values_by_hand(family, inner, ends):
+    tab = table("gelu", 2, family)
+    x = torch.tensor([-10.0, *inner, 10.0, float("nan")])
     lv = tab.levels
     assert step_derivative(x, tab).tolist() == pytest.approx([lv[0], lv[1], lv[2], lv[3], lv[0]])
-    assert lv[0] == 0.0 and lv[-1] == pytest.approx(1.0)
+    assert (lv[0], lv[-1]) == pytest.approx(ends, abs=1e-4)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -5,6 +5,8 @@ One module per table family, each with a ``derive(activation, bits)`` and a
 literal for coefficients.py:
 
     paper.py       the paper's objective, int (h - h~)**2 dx (the shipped ``_SHIPPED``)
+    fitted.py      E[(h' - s)**2] under N(0, 1), Lloyd-Max on h' (the shipped ``_FITTED``);
+                   fitted_cells.py holds its J*(c) with gradient and Hessian
 
 The rest is shared by the families:
 

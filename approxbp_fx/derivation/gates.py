@@ -83,6 +83,19 @@ _GATE_SYMPY: dict[str, sp.Expr] = per_activation(
 )
 
 
+def derivative(name: str, order: int, ctx=None) -> Callable:
+    """``h`` differentiated ``order`` times, as a function of a number of the
+    mpmath context ``ctx`` (``mpmath.mp`` when None; constants at its current
+    precision)."""
+    expr = sp.diff(_X * _GATE_SYMPY[name], _X, order)
+    if ctx is None:
+        return sp.lambdify(_X, expr, "mpmath")
+    # The printed code calls these names; binding them to ctx keeps a search
+    # in mpmath.fp in double precision throughout.
+    names = ("mpf", "sqrt", "exp", "erf", "tanh", "pi")
+    return sp.lambdify(_X, expr, [{n: getattr(ctx, n) for n in names}, "mpmath"])
+
+
 def second_derivative(name: str) -> Callable:
     """``h''`` of activation ``name``, as a function of an mpmath number."""
-    return sp.lambdify(_X, sp.diff(_X * _GATE_SYMPY[name], _X, 2), "mpmath")
+    return derivative(name, 2)

@@ -5,16 +5,20 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 
-def format_literal(variable: str, tables: Iterable, objective: Callable) -> str:
+def format_literal(variable: str, tables: Iterable, objective: Callable, with_a0: bool = False) -> str:
     """``variable: dict[...] = {...}`` for ``tables`` (StepTables), keyed
-    ``(activation, bits)``, each entry with ``objective(activation, a, c)`` in a
-    comment.  ``repr`` floats round-trip, so the literal is exact."""
-    lines = [f"{variable}: dict[tuple[str, int], tuple[tuple[float, ...], tuple[float, ...]]] = {{"]
+    ``(activation, bits)``, each entry ``(a, c)``, or ``(a, c, a0)`` with
+    ``with_a0``, and ``objective(tab)`` in a comment.  ``repr`` floats
+    round-trip, so the literal is exact."""
+    entry = "tuple[tuple[float, ...], tuple[float, ...], float]" if with_a0 else (
+        "tuple[tuple[float, ...], tuple[float, ...]]")
+    lines = [f"{variable}: dict[tuple[str, int], {entry}] = {{"]
     for tab in tables:
-        J = objective(tab.activation, tab.a, tab.c)
-        lines.append(f'    ("{tab.activation}", {tab.bits}): (  # J = {J:.12e}')
+        lines.append(f'    ("{tab.activation}", {tab.bits}): (  # J = {objective(tab):.12e}')
         lines.append(_floats(tab.a, " " * 8))
         lines.append(_floats(tab.c, " " * 8))
+        if with_a0:
+            lines.append(f"        {tab.a0!r},")
         lines.append("    ),")
     lines.append("}")
     return "\n".join(lines)

@@ -261,7 +261,7 @@ def optimal_slopes(activation: str, c: Sequence[float]) -> tuple[float, ...]:
 
 def _literal(tables) -> str:
     """The ``_SHIPPED = {...}`` block of approxbp_fx/coefficients.py for ``tables``."""
-    return format_literal("_SHIPPED", tables, objective)
+    return format_literal("_SHIPPED", tables, lambda tab: objective(tab.activation, tab.a, tab.c))
 
 
 def main() -> None:

@@ -213,7 +213,7 @@ def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> set[st
     nodes = {n.name: n for n in gm.graph.nodes}
     x, dx, g = nodes[site.x], nodes[site.dx], nodes[site.g]
     first_y = nodes[site.ys[0]]  # find_sites lists them in graph order
-    tab = table(site.activation, cfg.bits)
+    tab = table(site.activation, cfg.bits, cfg.table)
     graph = gm.graph
 
     pack_args = (x, list(tab.thresholds), cfg.bits)
