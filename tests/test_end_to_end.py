@@ -281,3 +281,27 @@ def test_pointwise_recompute_never_above_inductor_with_recompute():
     assert auto == min(banned, allowed) and [r.recompute for r in reports] == ["allowed"]
     # The setting is scoped to our partitioner calls; the user's stays as it was.
     assert functorch_config.ban_recompute_materialized_backward is True
+
+
+def test_a_trial_mode_that_loses_to_the_other_modes_exact_partition_is_dropped(monkeypatch):
+    # recompute="auto" runs its trials in one mode, the one the predictions
+    # favour. Force the wrong one (banned, where the GELU rewrite pays against
+    # banned's own baseline but not against pointwise recompute): the
+    # rewritten result loses to the allowed exact partition, which is returned
+    # as it is, with every site kept exact and saying why.
+    from approxbp_fx import partition
+
+    monkeypatch.setattr(partition, "_predicted_gain", lambda ds: 10**12 * any(d.rewritten for d in ds.values()))
+    torch.manual_seed(0)
+    model = _PreNormMLP().bfloat16()
+    x = torch.randn(*X[:2], 64, dtype=torch.bfloat16)
+    allowed_exact = saved_bytes(model, "approxbp", x, cfg=ApproxBPConfig(recompute="allowed", save_act_codes=False,
+                                                                         share_norm_input=False))
+    torch._dynamo.reset()
+    reports = []
+    auto = saved_bytes(model, "approxbp", x, cfg=ApproxBPConfig(), reports=reports)
+    (report,) = reports
+    assert auto == allowed_exact and report.recompute == "allowed"
+    assert report.sites and not any(d.rewritten for d in report.sites)
+    gelu = next(d for d in report.sites if d.rule == "save_act_codes")
+    assert gelu.reason.startswith("measured: inductor's partition with pointwise recompute allowed"), gelu.reason
