@@ -17,6 +17,8 @@ kernel of their own: a mask is a small share of a step's traffic).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..codes import pack_codes, packed_numel, unpack_levels
@@ -31,21 +33,18 @@ def pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits_torch(packed: torch.Tensor, shape) -> torch.Tensor:
     """Plain-torch ``approxbp::unpack_bits`` (every device)."""
-    numel = 1
-    for s in shape:
-        numel = numel * s
-    return (unpack_levels(packed, (0.0, 1.0), 1, numel) != 0).view(shape)
+    return (unpack_levels(packed, (0.0, 1.0), 1, math.prod(shape)) != 0).view(shape)
 
 
 @torch.library.custom_op("approxbp::pack_bits", mutates_args=())
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
-    torch._check(mask.dtype == torch.bool, lambda: f"approxbp: pack_bits takes a bool mask, got {mask.dtype}")
+    _check_mask(mask)
     return pack_bits_torch(mask)
 
 
 @pack_bits.register_fake
 def _(mask):
-    torch._check(mask.dtype == torch.bool, lambda: f"approxbp: pack_bits takes a bool mask, got {mask.dtype}")
+    _check_mask(mask)
     return mask.new_empty((packed_numel(mask.numel(), 1),), dtype=torch.uint8)
 
 
@@ -61,12 +60,13 @@ def _(packed, shape):
     return packed.new_empty(shape, dtype=torch.bool)
 
 
+def _check_mask(mask: torch.Tensor) -> None:
+    torch._check(mask.dtype == torch.bool, lambda: f"approxbp: pack_bits takes a bool mask, got {mask.dtype}")
+
+
 def _check_packed(packed: torch.Tensor, shape) -> None:
-    numel = 1
-    for s in shape:
-        numel = numel * s
     torch._check(packed.dtype == torch.uint8, lambda: f"approxbp: packed bits must be uint8, got {packed.dtype}")
     torch._check(
-        packed.numel() == packed_numel(numel, 1),
+        packed.numel() == packed_numel(math.prod(shape), 1),
         lambda: f"approxbp: {packed.numel()} bytes do not hold a mask of shape {list(shape)}",
     )

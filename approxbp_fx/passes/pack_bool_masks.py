@@ -24,6 +24,7 @@ for the other rules: a mask the partitioner recomputes instead stays as it is.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -99,10 +100,7 @@ def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[MaskSite]:
 
 def predict(gm: fx.GraphModule, site: MaskSite, base_saved: dict[str, int], cfg: ApproxBPConfig) -> tuple[int, str]:
     """The packed bytes; where inductor saves no more than that (it recomputes the mask), say so."""
-    numel = 1
-    for s in site.shape:
-        numel *= s
-    after = hint(packed_numel(numel, 1))
+    after = hint(packed_numel(math.prod(site.shape), 1))
     return after, f"inductor saves only {sum(base_saved.get(n, 0) for n in site.tensors)} B here"
 
 
