@@ -62,3 +62,36 @@ def test_a_small_mask_stays_as_it_is_and_says_why():
     _step(model, "approxbp", x, cfg=RULES_VS_INDUCTOR, reports=reports)
     (d,) = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks"]
     assert not d.rewritten and d.reason == "96 elements: too small to pay for the pack"
+
+
+class _DropoutAttention(nn.Module):
+    """softmax(q kᵀ) → dropout → @ v: backward reads the dropped probabilities for v's gradient."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.qkv, self.drop = nn.Linear(d, 3 * d), nn.Dropout(0.1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.drop(torch.softmax(q @ k.transpose(-1, -2), -1)) @ v
+
+
+@pytest.mark.parametrize("recompute", ["allowed", "banned"])
+def test_a_mask_that_backward_recomputes_from_is_predicted_not_to_pay_without_a_trial(monkeypatch, recompute):
+    # With pointwise recompute allowed, inductor saves the mask and recomputes
+    # probs * mask * scale in backward, so a packed copy would be saved beside
+    # the mask. Predicted, not tried: one partitioner run, the exact one.
+    from approxbp_fx.partition import ApproxBPPartitioner
+
+    runs = []
+    partition = ApproxBPPartitioner._partition
+    monkeypatch.setattr(ApproxBPPartitioner, "_partition", lambda self, *a: runs.append(a[-1]) or partition(self, *a))
+    torch.manual_seed(0)
+    reports = []
+    _step(_DropoutAttention().train(), "approxbp", torch.randn(2, 64, 64), ApproxBPConfig(recompute=recompute), reports)
+    (d,) = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks"]
+    if recompute == "allowed":
+        assert (d.rewritten, runs) == (False, ["allowed"])
+        assert d.reason == "backward recomputes aten.mul.Tensor from the mask, so it would still read it"
+    else:  # inductor's default saves the dropped probabilities: the mask is read by the gradient alone
+        assert (d.rewritten, runs) == (True, ["banned", "banned"])
