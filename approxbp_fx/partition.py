@@ -25,8 +25,6 @@ trials per compiled graph.
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import dataclasses
 import warnings
 from pathlib import Path
@@ -40,36 +38,12 @@ from .config import ApproxBPConfig
 from .passes import GRAPH_PASSES, RULES, Site, after_cut, before_aot
 from .passes.graph_bytes import saved_tensors
 from .report import ApproxBPFallbackWarning, GraphReport, SiteDecision, log, log_report
+from .trial_graphs import copy_graph, frozen_heap
 
 __all__ = ["ApproxBPPartitioner", "ApproxBPGraphPasses", "find_sites"]
 
 # (rule name, site key): a site's identity in one graph.
 Key = tuple[str, str]
-
-
-def _copy(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy whose graph a trial may mutate (the partitioner DCEs and tags it).
-
-    Only the graph is copied; attributes (lifted constants) are shared. A
-    deepcopy of the module would clone real constant tensors while the
-    partitioner's FakeTensorMode is active, which torch refuses (seen on GPT-2
-    under PEFT: "set the storage of a tensor on device meta ... cpu").
-    The graph is copied as ``Graph.__deepcopy__`` does, node by node, except
-    that its pytree codegen is shared, not deep-copied: nothing here changes
-    it, and deep-copying its TreeSpecs warns (a FutureWarning per compile on
-    torch 2.13 that plain inductor never prints).
-    """
-    src = gm.graph
-    graph = fx.Graph(tracer_cls=src._tracer_cls)
-    output_vals = graph.graph_copy(src, {}, return_output_node=True)
-    graph._codegen = copy.copy(src._codegen)
-    if output_vals is not None:
-        value, old_output = output_vals
-        new_output = graph.output(value, type_expr=getattr(old_output, "type", None))
-        new_output.meta = copy.copy(old_output.meta)
-    out = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
-    out.meta = dict(getattr(gm, "meta", {}))
-    return out
 
 
 def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[tuple[str, Site]]:
@@ -236,6 +210,10 @@ class ApproxBPPartitioner(CustomPartitionerFn):
             return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
 
     def __call__(self, gm: fx.GraphModule, joint_inputs: Sequence[object], **kwargs: Any):
+        with frozen_heap():  # our extra partitioner runs would otherwise trigger full collections of the process
+            return self._partition_best(gm, joint_inputs, kwargs)
+
+    def _partition_best(self, gm: fx.GraphModule, joint_inputs: Sequence[object], kwargs: dict):
         sites, failure = self._find_sites(gm)
         exact = self._exact_partitions(gm, joint_inputs, kwargs)
         base = min(exact, key=lambda m: exact[m].bytes)  # a tie keeps the first, banned, which recomputes less
@@ -261,7 +239,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         static = kwargs.get("static_lifetime_input_indices")
         out = {}
         for mode in _MODES[self.cfg.recompute]:
-            result = self._partition(_copy(gm), joint_inputs, kwargs, mode)
+            result = self._partition(copy_graph(gm), joint_inputs, kwargs, mode)
             out[mode] = _Exact(result, saved_tensors(result[1], gm, static))
         return out
 
@@ -352,7 +330,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
 
     def _apply(self, gm, decisions, chosen) -> tuple[fx.GraphModule, dict[Key, set[str]]]:
         """A copy of ``gm`` with the chosen sites rewritten, and each site's new saved candidates."""
-        trial = _copy(gm)
+        trial = copy_graph(gm)
         # Node names survive the copy, so the sites found on gm apply to it.
         added: dict[Key, set[str]] = {}
         for name, rule in RULES.items():

@@ -1,0 +1,80 @@
+"""The partitioner's trial graphs: copies that skip codegen, and a heap frozen while trials run."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+import torch.fx as fx
+
+from approxbp_fx.trial_graphs import copy_graph, frozen_heap
+
+
+def _traced() -> fx.GraphModule:
+    return fx.symbolic_trace(lambda x: torch.relu(x) * 2 + 1)
+
+
+def test_a_copy_generates_no_python_until_someone_reads_it(monkeypatch):
+    gm = _traced()
+    made = []
+    python_code = fx.Graph.python_code
+    monkeypatch.setattr(fx.Graph, "python_code", lambda self, *a, **k: made.append(self) or python_code(self, *a, **k))
+    out = copy_graph(gm)
+    assert made == []  # a plain GraphModule would have generated and exec'd its source here
+    assert out.graph is not gm.graph and [n.name for n in out.graph.nodes] == [n.name for n in gm.graph.nodes]
+    x = torch.randn(5)
+    assert torch.equal(out(x), gm(x)) and made  # made on first call
+    assert out.code == gm.code
+
+
+def test_a_copy_can_be_edited_without_touching_the_original():
+    gm = _traced()
+    out = copy_graph(gm)
+    (relu,) = [n for n in out.graph.nodes if n.target is torch.relu]
+    relu.target = torch.sigmoid
+    out.recompile()
+    x = torch.randn(5)
+    assert torch.equal(out(x), torch.sigmoid(x) * 2 + 1) and torch.equal(gm(x), torch.relu(x) * 2 + 1)
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_frozen_heap_freezes_what_lives_and_still_collects_new_garbage():
+    assert gc.get_freeze_count() == 0
+    before = _Cycle()
+    with frozen_heap():
+        assert gc.get_freeze_count() > 0 and gc.is_tracked(before)
+        _Cycle()  # garbage made inside the block: a cycle only the collector frees
+        assert gc.collect() >= 1
+    assert gc.get_freeze_count() == 0
+
+
+def test_frozen_heap_leaves_a_process_that_froze_its_own_objects_alone():
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with frozen_heap():
+            pass
+        assert gc.get_freeze_count() == frozen  # an unfreeze here would have thawed the caller's objects
+    finally:
+        gc.unfreeze()
+
+
+def test_the_partitioner_runs_its_trials_on_a_frozen_heap_and_thaws_it(monkeypatch):
+    import approxbp_fx
+    from approxbp_fx.partition import ApproxBPPartitioner
+
+    frozen = []
+    partition = ApproxBPPartitioner._partition
+    monkeypatch.setattr(
+        ApproxBPPartitioner, "_partition", lambda self, *a: frozen.append(gc.get_freeze_count()) or partition(self, *a)
+    )
+    torch._dynamo.reset()
+    lin = torch.nn.Linear(8, 8)
+    fn = torch.compile(lambda x: torch.nn.functional.gelu(lin(x)), backend=approxbp_fx.backend())
+    fn(torch.randn(4, 8)).sum().backward()
+    assert frozen and all(n > 0 for n in frozen)
+    assert gc.get_freeze_count() == 0
