@@ -9,7 +9,9 @@ ask it. For every joint graph:
    one owner per node;
 2. partition a copy of the unmodified graph in every recompute mode of
    ``ApproxBPConfig.recompute`` (pointwise recompute banned, as inductor's
-   default, and allowed): the saved sets to beat;
+   default, and allowed): the saved sets to beat, measured by cut-only runs
+   (:mod:`approxbp_fx.trial_graphs`), since graphs are built only for the
+   partition returned;
 3. in the mode whose saved set, less the savings the rules predict, is
    smallest, keep the sites predicted to pay, rewrite a copy, partition it;
 4. if a kept site still leaves its input in backward, or saves as much, or the
@@ -19,13 +21,15 @@ ask it. For every joint graph:
 
 The result is never larger than inductor's own choice in either mode, by
 construction, and an internal error anywhere in 1-5 returns an exact
-partition with a warning. Costs one partitioner run per mode plus one or two
-trials per compiled graph.
+partition with a warning. Costs one cut-only partitioner run per mode, plus
+one or two trials per graph with a site predicted to pay or one more run
+building inductor's partition otherwise.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -36,9 +40,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitioner
 
 from .config import ApproxBPConfig
 from .passes import GRAPH_PASSES, RULES, Site, after_cut, before_aot
-from .passes.graph_bytes import saved_tensors
+from .passes.graph_bytes import saved_tensors, saved_values_bytes
 from .report import ApproxBPFallbackWarning, GraphReport, SiteDecision, log, log_report
-from .trial_graphs import copy_graph, frozen_heap
+from .trial_graphs import MODES, copy_graph, frozen_heap, recompute_mode, saved_set_only
 
 __all__ = ["ApproxBPPartitioner", "ApproxBPGraphPasses", "find_sites"]
 
@@ -74,23 +78,16 @@ def _conflict(a: Site, b: Site) -> bool:
     return bool(a.writes & (b.reads | b.writes) or b.writes & a.reads)
 
 
-# ApproxBPConfig.recompute -> the settings of ban_recompute_materialized_backward to partition with.
-_MODES = {"auto": ("banned", "allowed"), "banned": ("banned",), "allowed": ("allowed",)}
-
-
-def _recompute_patch(mode: str):
-    """One recompute mode as functorch's config, for the baseline and every trial of that mode alike."""
-    from torch._functorch import config as functorch_config
-
-    return functorch_config.patch(ban_recompute_materialized_backward=mode == "banned")
-
-
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class _Exact:
-    """Inductor's partition of the untouched graph in one recompute mode, and what it saves."""
+    """Inductor's partition of the untouched graph in one recompute mode: what it saves, and the graphs once built.
 
-    result: tuple
+    ``result`` is None while only the saved set was measured
+    (:func:`~approxbp_fx.trial_graphs.saved_set_only`); :meth:`ApproxBPPartitioner._exact_result` builds it.
+    """
+
     saved: dict[str, int]
+    result: tuple | None = None
 
     @property
     def bytes(self) -> int:
@@ -202,7 +199,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
     def _partition(self, gm, joint_inputs, kwargs, mode: str):
         # The baseline and every trial of a mode run under the same setting, so
         # "never more than the baseline" holds against the partitioner actually used.
-        with _recompute_patch(mode):
+        with recompute_mode(mode):
             if self.inner is not None:
                 return self.inner(gm, joint_inputs, **kwargs)
             from torch._functorch.partitioners import min_cut_rematerialization_partition
@@ -220,13 +217,16 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         if failure is None and any(s.skip is None for _, s in sites):
             result, report = self._rewrite_best(gm, joint_inputs, kwargs, sites, exact, base)
         else:
-            result, report = exact[base].result, self._exact_report(sites, failure, exact[base].bytes, base)
+            result, report = None, self._exact_report(sites, failure, exact[base].bytes, base)
+        if result is None:  # inductor's own partition in the mode chosen
+            result = self._exact_result(gm, joint_inputs, kwargs, exact, report)
         # Lowered once, on the partition kept.
         try:
             after_cut(result, self.cfg)
         except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
             mode = report.recompute
-            result, report = exact[mode].result, self._exact_report(sites, err, exact[mode].bytes, mode)
+            report = self._exact_report(sites, err, exact[mode].bytes, mode)
+            result = self._exact_result(gm, joint_inputs, kwargs, exact, report)
         self._finish(report)
         return result
 
@@ -237,11 +237,33 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         fail too, so this may raise.
         """
         static = kwargs.get("static_lifetime_input_indices")
+        # Measured, not built, where the cut-only run is known to give the saved
+        # set the built partition has: inductor's partitioner, outside
+        # activation-checkpoint regions (whose RNG functionalization adds saved
+        # seeds after the cut).
+        measure = self.inner is None and "num_fwd_outputs" in kwargs and not any(
+            n.meta.get("recompute") is not None for n in gm.graph.nodes
+        )
         out = {}
-        for mode in _MODES[self.cfg.recompute]:
-            result = self._partition(copy_graph(gm), joint_inputs, kwargs, mode)
-            out[mode] = _Exact(result, saved_tensors(result[1], gm, static))
+        for mode in MODES[self.cfg.recompute]:
+            run = functools.partial(self._partition, copy_graph(gm), joint_inputs, kwargs, mode)
+            got = saved_set_only(run, kwargs["num_fwd_outputs"]) if measure else run()
+            out[mode] = _Exact(saved_tensors(got[1], gm, static), got) if isinstance(got, tuple) else _Exact(
+                saved_values_bytes(got, static)
+            )
         return out
+
+    def _exact_result(self, gm, joint_inputs, kwargs, exact: dict[str, _Exact], report: GraphReport) -> tuple:
+        """Inductor's partition in the report's mode, built now if it was only measured."""
+        e = exact[report.recompute]
+        if e.result is None:
+            e.result = self._partition(copy_graph(gm), joint_inputs, kwargs, report.recompute)
+            built = saved_tensors(e.result[1], gm, kwargs.get("static_lifetime_input_indices"))
+            if built != e.saved:  # the measurement must be the partition: tests hold it to that
+                log.warning("approxbp: measured %d saved bytes, built %d (%s)", e.bytes, sum(built.values()), report.recompute)
+                e.saved = built
+                report.baseline_bytes = report.final_bytes = e.bytes
+        return e.result
 
     def _rewrite_best(self, gm, joint_inputs, kwargs, sites, exact: dict[str, _Exact], base: str):
         """Rewrite in the mode whose prediction saves least; keep it only if no exact partition saves less.
@@ -257,7 +279,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         try:
             result, report = self._rewrite(gm, joint_inputs, kwargs, predictions[mode], exact[mode], mode)
         except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
-            return exact[base].result, self._exact_report(sites, err, exact[base].bytes, base)
+            return None, self._exact_report(sites, err, exact[base].bytes, base)
         if exact[base].bytes < report.final_bytes:  # an exact partition of another mode saves less
             why = (f"measured: inductor's partition with pointwise recompute {base} saves {exact[base].bytes} B "
                    f"without rewrites, fewer than {report.final_bytes} B with them (recompute {mode})")
@@ -265,7 +287,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
                 if d.rewritten:
                     d.keep_exact(why)
             report.baseline_bytes = report.final_bytes = exact[base].bytes
-            report.recompute, result = base, exact[base].result
+            report.recompute, result = base, None
         return result, report
 
     def _find_sites(self, gm: fx.GraphModule) -> tuple[list[tuple[str, Site]], Exception | None]:
@@ -290,11 +312,14 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         log.debug("approxbp: the rewrite failed", exc_info=failure)
         return report
 
-    def _rewrite(self, gm, joint_inputs, kwargs, decisions, exact: _Exact, mode: str) -> tuple[tuple, GraphReport]:
-        """Keep the sites predicted to pay, then measure them with the real partitioner until none loses."""
+    def _rewrite(self, gm, joint_inputs, kwargs, decisions, exact: _Exact, mode: str) -> tuple[tuple | None, GraphReport]:
+        """Keep the sites predicted to pay, then measure them with the real partitioner until none loses.
+
+        Returns the trial's partition, or None where no site was kept (inductor's, in ``mode``).
+        """
         static = kwargs.get("static_lifetime_input_indices")
         report = GraphReport(baseline_bytes=exact.bytes, recompute=mode)
-        result = exact.result
+        result = None
         chosen = {k for k, d in decisions.items() if d.rewritten}
         while chosen:
             trial, added = self._apply(gm, decisions, chosen)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 import torch.fx as fx
 
@@ -78,3 +79,45 @@ def test_the_partitioner_runs_its_trials_on_a_frozen_heap_and_thaws_it(monkeypat
     fn(torch.randn(4, 8)).sum().backward()
     assert frozen and all(n > 0 for n in frozen)
     assert gc.get_freeze_count() == 0
+
+
+def _tiny_models():
+    transformers = pytest.importorskip("transformers")
+    small = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=2)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=61))
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(**small, num_key_value_heads=1, vocab_size=61))
+    vit = transformers.ViTForImageClassification(transformers.ViTConfig(**small, image_size=16, patch_size=8))
+    ids = torch.randint(0, 61, (2, 9))
+    return {"gpt2": (gpt2, (ids,)), "llama": (llama, (ids,)), "vit": (vit, (torch.randn(2, 3, 16, 16),))}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "vit"])
+@pytest.mark.parametrize("recompute", ["banned", "allowed"])
+def test_a_measured_saved_set_is_the_one_the_built_partition_has(monkeypatch, name, recompute):
+    # Cut-only runs stand in for inductor's partition wherever it is not returned;
+    # each is held here to the partition built in full from the same graph.
+    import approxbp_fx
+    from approxbp_fx.partition import ApproxBPPartitioner
+    from approxbp_fx.passes.graph_bytes import saved_tensors
+
+    checked = []
+    exact_partitions = ApproxBPPartitioner._exact_partitions
+
+    def both(self, gm, joint_inputs, kwargs):
+        out = exact_partitions(self, gm, joint_inputs, kwargs)
+        for mode, e in out.items():
+            built = self._partition(copy_graph(gm), joint_inputs, kwargs, mode)
+            checked.append((e.result is None, e.saved, saved_tensors(built[1], gm, kwargs["static_lifetime_input_indices"])))
+        return out
+
+    monkeypatch.setattr(ApproxBPPartitioner, "_exact_partitions", both)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model, args = _tiny_models()[name]
+    model.train()
+    fn = torch.compile(model, backend=approxbp_fx.backend(approxbp_fx.ApproxBPConfig(recompute=recompute)))
+    out = fn(*args)
+    (out.logits.float().sum()).backward()
+    assert checked and all(measured for measured, _, _ in checked)
+    for _, measured, built in checked:
+        assert measured == built

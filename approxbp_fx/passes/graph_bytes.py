@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from . import pointwise as pw
 
-__all__ = ["hint", "nbytes", "is_backward", "saved_tensors"]
+__all__ = ["hint", "nbytes", "is_backward", "saved_tensors", "saved_values_bytes"]
 
 
 def hint(n) -> int:
@@ -51,18 +51,27 @@ def saved_tensors(
     ``joint`` (the graph the partition came from) is needed to see views.
     """
     joint_nodes = {n.name: n for n in joint.graph.nodes} if joint is not None else {}
+    inputs = [n for n in bw.graph.find_nodes(op="placeholder") if not n.name.startswith("tangents")]
+    # A placeholder missing from the joint stands for itself (a graph input).
+    return _bytes_by_base(((n.name, joint_nodes.get(n.name, n), n.meta.get("val")) for n in inputs), static_inputs)
+
+
+def saved_values_bytes(values: Iterable[fx.Node], static_inputs: Iterable[int] | None = None) -> dict[str, int]:
+    """:func:`saved_tensors` of a partition given as the joint-graph nodes it saves, before any graph is cut."""
+    return _bytes_by_base(((n.name, n, n.meta.get("val")) for n in values), static_inputs)
+
+
+def _bytes_by_base(saved, static_inputs: Iterable[int] | None) -> dict[str, int]:
+    """``(name, joint node, value)`` of each saved tensor -> bytes by the name of what it keeps alive."""
     static = None if static_inputs is None else {f"primals_{i + 1}" for i in static_inputs}
     out: dict[str, int] = {}
-    for n in bw.graph.find_nodes(op="placeholder"):
-        if n.name.startswith("tangents"):
-            continue
-        src = joint_nodes.get(n.name)
+    for name, src, val in saved:
         # A view counts as the tensor it views.
-        base = [src, *pw.view_ancestors(src)][-1] if src is not None else n
+        base = [src, *pw.view_ancestors(src)][-1]
         if base.op == "placeholder" and (static is None or base.name in static):
             continue
-        b = nbytes(n.meta.get("val"))
+        b = nbytes(val)
         if b:
-            name = base.name if base.op == "placeholder" else n.name
-            out[name] = max(out.get(name, 0), b)
+            key = base.name if base.op == "placeholder" else name
+            out[key] = max(out.get(key, 0), b)
     return out

@@ -80,18 +80,23 @@ class _DropoutAttention(nn.Module):
 def test_a_mask_that_backward_recomputes_from_is_predicted_not_to_pay_without_a_trial(monkeypatch, recompute):
     # With pointwise recompute allowed, inductor saves the mask and recomputes
     # probs * mask * scale in backward, so a packed copy would be saved beside
-    # the mask. Predicted, not tried: one partitioner run, the exact one.
+    # the mask. Predicted, not tried: no partitioner run sees a packed mask.
     from approxbp_fx.partition import ApproxBPPartitioner
 
-    runs = []
+    trials = []
     partition = ApproxBPPartitioner._partition
-    monkeypatch.setattr(ApproxBPPartitioner, "_partition", lambda self, *a: runs.append(a[-1]) or partition(self, *a))
+
+    def spy(self, gm, *args):
+        trials.append(any(n.target is torch.ops.approxbp.pack_bits.default for n in gm.graph.nodes))
+        return partition(self, gm, *args)
+
+    monkeypatch.setattr(ApproxBPPartitioner, "_partition", spy)
     torch.manual_seed(0)
     reports = []
     _step(_DropoutAttention().train(), "approxbp", torch.randn(2, 64, 64), ApproxBPConfig(recompute=recompute), reports)
     (d,) = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks"]
     if recompute == "allowed":
-        assert (d.rewritten, runs) == (False, ["allowed"])
+        assert (d.rewritten, any(trials)) == (False, False)
         assert d.reason == "backward recomputes aten.mul.Tensor from the mask, so it would still read it"
     else:  # inductor's default saves the dropped probabilities: the mask is read by the gradient alone
-        assert (d.rewritten, runs) == (True, ["banned", "banned"])
+        assert (d.rewritten, trials.count(True)) == (True, 1)
