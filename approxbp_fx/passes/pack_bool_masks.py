@@ -117,12 +117,16 @@ def predict(gm: fx.GraphModule, site: MaskSite, base_saved: dict[str, int], cfg:
 
 
 def _recomputed_from_mask(gm: fx.GraphModule, site: MaskSite, base_saved: dict[str, int]) -> fx.Node | None:
-    """A forward value pointwise in the mask that backward reads and the baseline does not save, if any.
+    """A forward value pointwise in the mask that a backward matmul reads and the baseline does not save, if any.
 
     A value backward reads but nobody saved is recomputed in backward; walking
     forward from the mask through pointwise ops and views, and stopping at
     saved values (backward starts from those), finds the recomputes that start
-    at the mask.
+    at the mask. Only a reader no rule rewrites counts: a matmul's gradient
+    (attention's ``probs_dropped @ v``). A pointwise reader may be re-pointed by
+    another site (MS-LN's backward no longer reads the dropout output it
+    normalises, GPT-2's embedding dropout), after which the mask pays; the
+    trial measures that.
     """
     mask = {n.name: n for n in gm.graph.nodes}[site.x]
     stack, seen = [(mask, mask)], set()
@@ -135,10 +139,17 @@ def _recomputed_from_mask(gm: fx.GraphModule, site: MaskSite, base_saved: dict[s
             u_op = op if pw.is_view(u) else u
             if any(n.name in base_saved for n in [u, *pw.view_descendants(u)]):
                 continue
-            if any(is_backward(r) for r in u.users):
+            if any(is_backward(r) and _read_whole(r) for r in u.users):
                 return u_op
             stack.append((u, u_op))
     return None
+
+
+def _read_whole(reader: fx.Node) -> bool:
+    """Does ``reader`` (through any views) need its input's value as such: a matmul, not a pointwise op?"""
+    if pw.is_view(reader):
+        return any(_read_whole(u) for u in reader.users)
+    return not pw.is_pointwise(reader)
 
 
 def apply_site(gm: fx.GraphModule, site: MaskSite, cfg: ApproxBPConfig) -> set[str]:
