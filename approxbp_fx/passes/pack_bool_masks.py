@@ -99,57 +99,9 @@ def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[MaskSite]:
 
 
 def predict(gm: fx.GraphModule, site: MaskSite, base_saved: dict[str, int], cfg: ApproxBPConfig) -> tuple[int, str]:
-    """The packed bytes; or, where backward would still read the mask, the mask and the packed bytes.
-
-    The rewrite re-points only the mask's backward readers. Where the baseline
-    partition recomputes in backward a forward value made from the mask (with
-    pointwise recompute allowed, attention dropout's ``probs * mask * scale``,
-    which backward reads for the value gradient), the recompute still reads
-    the mask, so packing only adds bytes. Predicting that here saves a trial
-    partition that would refute it.
-    """
-    before = sum(base_saved.get(n, 0) for n in site.tensors)
+    """The packed bytes; where inductor saves no more than that (it recomputes the mask), say so."""
     after = hint(packed_numel(math.prod(site.shape), 1))
-    recomputed = _recomputed_from_mask(gm, site, base_saved)
-    if recomputed is not None:
-        return before + after, f"backward recomputes {recomputed.target} from the mask, so it would still read it"
-    return after, f"inductor saves only {before} B here"
-
-
-def _recomputed_from_mask(gm: fx.GraphModule, site: MaskSite, base_saved: dict[str, int]) -> fx.Node | None:
-    """A forward value pointwise in the mask that a backward matmul reads and the baseline does not save, if any.
-
-    A value backward reads but nobody saved is recomputed in backward; walking
-    forward from the mask through pointwise ops and views, and stopping at
-    saved values (backward starts from those), finds the recomputes that start
-    at the mask. Only a reader no rule rewrites counts: a matmul's gradient
-    (attention's ``probs_dropped @ v``). A pointwise reader may be re-pointed by
-    another site (MS-LN's backward no longer reads the dropout output it
-    normalises, GPT-2's embedding dropout), after which the mask pays; the
-    trial measures that.
-    """
-    mask = {n.name: n for n in gm.graph.nodes}[site.x]
-    stack, seen = [(mask, mask)], set()
-    while stack:
-        node, op = stack.pop()  # op: the pointwise op whose value ``node`` is (or views)
-        for u in node.users:
-            if u in seen or is_backward(u) or not (pw.is_pointwise(u) or pw.is_view(u)):
-                continue
-            seen.add(u)
-            u_op = op if pw.is_view(u) else u
-            if any(n.name in base_saved for n in [u, *pw.view_descendants(u)]):
-                continue
-            if any(is_backward(r) and _read_whole(r) for r in u.users):
-                return u_op
-            stack.append((u, u_op))
-    return None
-
-
-def _read_whole(reader: fx.Node) -> bool:
-    """Does ``reader`` (through any views) need its input's value as such: a matmul, not a pointwise op?"""
-    if pw.is_view(reader):
-        return any(_read_whole(u) for u in reader.users)
-    return not pw.is_pointwise(reader)
+    return after, f"inductor saves only {sum(base_saved.get(n, 0) for n in site.tensors)} B here"
 
 
 def apply_site(gm: fx.GraphModule, site: MaskSite, cfg: ApproxBPConfig) -> set[str]:
