@@ -96,6 +96,23 @@ def test_train_step_fake_cuda_cells_end_to_end(tmp_path):
     assert vit["inductor"]["saved_bytes"] < vit["eager"]["saved_bytes"]
 
 
+@needs_native
+def test_gpt2_lora_all_under_autocast_rewrites_its_gelus_on_cuda(tmp_path):
+    # On CUDA autocast GPT-2's GELU runs in fp32 and backward reads its output
+    # only through the bf16 cast LoRA A takes. The prediction counted the fp32
+    # output, saw no gain, and kept every GELU exact: 528 MB more than the
+    # grid's figure at published size. One layer here: codes save 16% of it.
+    rc = train_step.main([
+        "--tag", "g", "--device", "fake-cuda", "--models", "gpt2-124m", "--scenarios", "lora_all",
+        "--precisions", "amp", "--backends", "approxbp", "--layers", "1", "--width-div", "4",
+        "--vocab", "512", "--batch", "2", "--seq", "64", "--out-dir", str(tmp_path), "--no-render",
+    ])
+    assert rc == 0
+    (cell,) = json.loads((tmp_path / "results" / "train_step_g.json").read_text())["cells"].values()
+    assert cell["rewritten"].get("save_act_codes") == 1, cell["rewritten"]
+    assert cell["saved_bytes"] == 871_981  # 1_044_012 with the GELU kept exact (2026-11-26)
+
+
 def test_validation_compares_every_reference_cell():
     ref = {"cells": {"m|s|p|a": {"batch": 8, "seq": 16, "saved_bytes": 1000}, "m|s|p|b": {"batch": 8, "seq": 16,
            "saved_bytes": 2000}, "m|s|p|c": {"batch": 8, "seq": 16, "saved_bytes": 3000}, "m|s|p|oom": {"error": "x"}}}

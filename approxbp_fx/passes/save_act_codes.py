@@ -245,10 +245,12 @@ def predict(gm: fx.GraphModule, site: ActSite, base_saved: dict[str, int], cfg: 
         return [u for u in node.users if u.name not in dead and is_backward(u)]
 
     # y stays needed if backward reads it, or a view of it (GPT-2's Conv1D reads
-    # y.view(-1, d)), for anything but the activation's own gradient.
-    ys = [v for y in site.ys for v in [nodes[y], *pw.view_descendants(nodes[y])]]
-    y_readers = [u for y in ys for u in backward_users(y)]
-    y_bytes = nbytes(nodes[site.ys[0]].meta["val"]) if y_readers else 0
+    # y.view(-1, d)), for anything but the activation's own gradient; each form
+    # of y backward reads costs its own bytes: under autocast a LoRA A reads
+    # only the bf16 cast of the fp32 y (half the bytes of the first y).
+    readers = {y: [u for v in [nodes[y], *pw.view_descendants(nodes[y])] for u in backward_users(v)] for y in site.ys}
+    y_readers = [u for y in site.ys for u in readers[y]]
+    y_bytes = sum(nbytes(nodes[y].meta["val"]) for y in site.ys if readers[y])
     # So does x, if backward reads it outside the activation.
     x_readers = backward_users(nodes[site.x])
     x_bytes = sum(base_saved.get(n, 0) for n in site.x_aliases) if x_readers else 0
