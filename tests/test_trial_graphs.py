@@ -91,7 +91,7 @@ def _tiny_models():
     return {"gpt2": (gpt2, (ids,)), "llama": (llama, (ids,)), "vit": (vit, (torch.randn(2, 3, 16, 16),))}
 
 
-@pytest.mark.parametrize(("name", "recompute"), [("gpt2", "banned"), ("gpt2", "allowed"), ("llama", "allowed"), ("vit", "banned")])
+@pytest.mark.parametrize(("name", "recompute"), [("gpt2", "allowed"), ("llama", "banned")])
 def test_a_measured_saved_set_is_the_one_the_built_partition_has(monkeypatch, name, recompute):
     # Cut-only runs stand in for inductor's partition wherever it is not returned;
     # each is held here to the partition built in full from the same graph.
