@@ -35,6 +35,8 @@ __all__ = [
     "packed_numel",
     "code_of",
     "pack_codes",
+    "pack_fields",
+    "unpack_fields",
     "nonfinite_flag",
     "unpack_levels",
     "code_grad_of",
@@ -72,15 +74,26 @@ def pack_codes(x: torch.Tensor, thresholds, bits: int) -> torch.Tensor:
     """1-D uint8 tensor of ``packed_numel(x.numel(), bits)`` bytes."""
     if len(thresholds) != 2**bits - 1:
         raise ValueError(f"{bits}-bit codes need {2**bits - 1} thresholds, got {len(thresholds)}")
+    return pack_fields(code_of(x.reshape(-1), thresholds).to(torch.int32), bits)
+
+
+def pack_fields(flat: torch.Tensor, bits: int) -> torch.Tensor:
+    """1-D int32 codes in ``0 .. 2**bits - 1``, packed ``8 // bits`` to a byte (the format above)."""
     per = codes_per_byte(bits)
-    flat = code_of(x.reshape(-1), thresholds).to(torch.int32)
     # Always pad, never branch on the pad or build a pad-sized tensor: traced on
     # symbolic sizes (approxbp_fx.lowering) either would guard on numel % per and
     # recompile as the length varies.
     flat = F.pad(flat, (0, (-flat.numel()) % per))
-    shifts = torch.arange(per, device=x.device, dtype=torch.int32) * bits
+    shifts = torch.arange(per, device=flat.device, dtype=torch.int32) * bits
     # Bit fields do not overlap, so the sum is the bitwise or.
     return (flat.view(-1, per) << shifts).sum(dim=1).to(torch.uint8)
+
+
+def unpack_fields(codes: torch.Tensor, bits: int, numel) -> torch.Tensor:
+    """The first ``numel`` codes of packed bytes, as a 1-D int32 tensor (inverse of :func:`pack_fields`)."""
+    per = codes_per_byte(bits)
+    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
+    return ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
 
 
 def nonfinite_flag(x: torch.Tensor) -> torch.Tensor:
@@ -97,9 +110,7 @@ def unpack_levels(codes: torch.Tensor, levels, bits: int, numel: int) -> torch.T
     """
     if len(levels) != 2**bits:
         raise ValueError(f"{bits}-bit codes need {2**bits} levels, got {len(levels)}")
-    per = codes_per_byte(bits)
-    shifts = torch.arange(per, device=codes.device, dtype=torch.int32) * bits
-    idx = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)).reshape(-1)[:numel]
+    idx = unpack_fields(codes, bits, numel)
     out = torch.full_like(idx, float(levels[-1]), dtype=torch.float32)
     for j in range(len(levels) - 2, -1, -1):
         out = torch.where(idx == j, float(levels[j]), out)

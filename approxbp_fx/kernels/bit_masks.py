@@ -20,9 +20,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from ..codes import packed_numel
+from ..codes import pack_fields, packed_numel, unpack_fields
 
 __all__ = ["pack_bits", "unpack_bits", "pack_bits_torch", "unpack_bits_torch"]
 
@@ -36,19 +35,12 @@ def pack_bits_torch(mask: torch.Tensor) -> torch.Tensor:
     this into every graph with a packed mask, and each op it saves is one
     fewer for inductor to lower, schedule and generate, once per mask.
     """
-    flat = mask.reshape(-1).to(torch.int32)
-    # Always pad (see pack_codes): a branch on numel % 8 would guard on symbolic sizes.
-    flat = F.pad(flat, (0, (-flat.numel()) % 8))
-    shifts = torch.arange(8, device=mask.device, dtype=torch.int32)
-    # Bit fields do not overlap, so the sum is the bitwise or.
-    return (flat.view(-1, 8) << shifts).sum(dim=1).to(torch.uint8)
+    return pack_fields(mask.reshape(-1).to(torch.int32), 1)
 
 
 def unpack_bits_torch(packed: torch.Tensor, shape) -> torch.Tensor:
     """Plain-torch ``approxbp::unpack_bits`` (every device): bit ``i % 8`` of byte ``i // 8``, as bool."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
-    bits = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1
-    return (bits.reshape(-1)[: math.prod(shape)] != 0).view(shape)
+    return (unpack_fields(packed, 1, math.prod(shape)) != 0).view(shape)
 
 
 @torch.library.custom_op("approxbp::pack_bits", mutates_args=())
