@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 
 import pytest
 import torch
@@ -54,14 +55,21 @@ def test_frozen_heap_freezes_what_lives_and_still_collects_new_garbage():
 
 
 def test_frozen_heap_leaves_a_process_that_froze_its_own_objects_alone():
+    # The freeze count is no witness: frozen objects still die by refcount, so it
+    # can fall during the block. A frozen cycle can only die if it was thawed.
+    obj = _Cycle()
+    cycle = weakref.ref(obj)
     gc.freeze()
+    del obj  # now only its own cycle holds it: only the collector frees it
     try:
-        frozen = gc.get_freeze_count()
         with frozen_heap():
             pass
-        assert gc.get_freeze_count() == frozen  # an unfreeze here would have thawed the caller's objects
+        gc.collect()
+        assert cycle() is not None  # an unfreeze in frozen_heap would have let this collect it
     finally:
         gc.unfreeze()
+    gc.collect()
+    assert cycle() is None  # the test can tell: thawed, the cycle is collected
 
 
 def test_the_partitioner_runs_its_trials_on_a_frozen_heap_and_thaws_it(monkeypatch):
