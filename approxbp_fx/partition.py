@@ -39,7 +39,7 @@ from torch._dynamo.utils import counters
 from torch._inductor.custom_graph_pass import CustomGraphPass, CustomPartitionerFn, get_hash_for_files
 
 from .config import ApproxBPConfig
-from .passes import GRAPH_PASSES, RULES, Site, after_cut, before_aot
+from .passes import GRAPH_PASSES, RULES, Baseline, Site, after_cut, before_aot
 from .passes.graph_bytes import saved_tensors, saved_values_bytes
 from .report import ApproxBPFallbackWarning, GraphReport, SiteDecision, log, log_report
 from .trial_graphs import MODES, copy_graph, frozen_heap, recompute_mode, saved_set_only
@@ -342,14 +342,18 @@ class ApproxBPPartitioner(CustomPartitionerFn):
 
     def _predict(self, gm, sites, base_saved) -> dict[Key, SiteDecision]:
         decisions: dict[Key, SiteDecision] = {}
+        rewritten: set[str] = set()  # written by the sites predicted to pay so far (rule order)
         for rule, s in sites:
-            before = sum(base_saved.get(n, 0) for n in s.tensors)
+            base = Baseline(base_saved, frozenset(rewritten))
+            before = base.bytes_of(s.tensors)
             d = SiteDecision(s, rule, False, s.skip or "", before, before)
             if s.skip is None:
-                predicted, why = RULES[rule].predict(gm, s, base_saved, self.cfg)
+                predicted, why = RULES[rule].predict(gm, s, base, self.cfg)
                 d.rewritten = predicted < before
                 d.reason = why if not d.rewritten else "rewritten"
                 d.bytes_after = predicted if d.rewritten else before  # the trial measures it
+                if d.rewritten:
+                    rewritten |= s.writes
             decisions[(rule, s.key)] = d
         return decisions
 

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from ..config import ApproxBPConfig
 from .fused_attention import keep_fused_attention
-from .rule import RULES, Rule, Site, register
+from .rule import RULES, Baseline, Rule, Site, register
 
 # 1. save_act_codes first: an activation's codes replace its input. A norm
 #    feeding an activation directly is then left to the activation (one owner
@@ -33,7 +33,8 @@ from . import save_act_codes  # noqa: E402,F401  (registers the rule)
 from . import share_norm_input  # noqa: E402,F401  (registers the rule)
 
 # 3. pack_bool_masks: what backward still reads as bool (dropout masks) is saved a bit an element.
-#    Last: the masks it packs belong to no other rule's site.
+#    Last: the masks it packs belong to no other rule's site, and its prediction sees which
+#    nodes the sites of the rules before it are predicted to rewrite.
 from . import pack_bool_masks  # noqa: E402,F401  (registers the rule)
 
 # name (the ApproxBPConfig switch) -> pass(graph, cfg) -> [SiteDecision], editing the graph in place.
@@ -57,4 +58,4 @@ def after_cut(graphs: tuple[fx.GraphModule, ...], cfg: ApproxBPConfig) -> None:
             lowering.lower(g)
 
 
-__all__ = ["GRAPH_PASSES", "RULES", "Rule", "Site", "register", "before_aot", "after_cut"]
+__all__ = ["GRAPH_PASSES", "RULES", "Baseline", "Rule", "Site", "register", "before_aot", "after_cut"]

@@ -35,7 +35,7 @@ from ..config import ApproxBPConfig
 from . import pointwise as pw
 from .graph_bytes import hint, is_backward
 from .graph_edit import copy_meta, fake_run
-from .rule import Rule, SiteFields, register
+from .rule import Baseline, Rule, SiteFields, register
 
 __all__ = ["MaskSite", "RULE", "find_sites", "predict", "apply_site"]
 
@@ -98,10 +98,51 @@ def find_sites(gm: fx.GraphModule, cfg: ApproxBPConfig) -> list[MaskSite]:
     return sites
 
 
-def predict(gm: fx.GraphModule, site: MaskSite, base_saved: dict[str, int], cfg: ApproxBPConfig) -> tuple[int, str]:
-    """The packed bytes; where inductor saves no more than that (it recomputes the mask), say so."""
+def predict(gm: fx.GraphModule, site: MaskSite, base: Baseline, cfg: ApproxBPConfig) -> tuple[int, str]:
+    """The packed bytes; or, where backward would still read the mask, the mask and the packed bytes.
+
+    The rewrite re-points only the mask's own backward readers. Where the
+    baseline partition recomputes in backward a forward value made from the
+    mask, the recompute still reads the mask, so packing only adds bytes: with
+    pointwise recompute allowed, attention dropout's ``probs * mask * scale``,
+    which the value gradient's bmm reads. Predicting that here saves a trial
+    partition that would refute it.
+    """
+    before = base.bytes_of(site.tensors)
     after = hint(packed_numel(math.prod(site.shape), 1))
-    return after, f"inductor saves only {sum(base_saved.get(n, 0) for n in site.tensors)} B here"
+    recomputed = _recomputed_from_mask(gm, site, base)
+    if recomputed is not None:
+        return before + after, f"backward recomputes {recomputed.target} from the mask, so it would still read it"
+    return after, f"inductor saves only {before} B here"
+
+
+def _recomputed_from_mask(gm: fx.GraphModule, site: MaskSite, base: Baseline) -> fx.Node | None:
+    """A forward value pointwise in the mask that backward reads and the baseline does not save, if any.
+
+    A value backward reads but nobody saved is recomputed in backward. Walking
+    forward from the mask through pointwise ops and views finds the recomputes
+    that start at the mask. The walk stops at saved values (backward starts
+    from those) and at nodes another site predicted to pay rewrites: GPT-2's
+    embedding dropout output is the first LayerNorm's input, recomputed for the
+    norm's backward and (through its output) c_attn's weight gradient, until
+    MS-LN re-points both to its shared x-hat; then the mask pays. If that
+    site loses its trial, the trial of this one shows it.
+    """
+    mask = {n.name: n for n in gm.graph.nodes}[site.x]
+    stack, seen = [(mask, mask)], set()
+    while stack:
+        node, op = stack.pop()  # op: the pointwise op whose value ``node`` is (or views)
+        for u in node.users:
+            if u in seen or is_backward(u) or not (pw.is_pointwise(u) or pw.is_view(u)):
+                continue
+            seen.add(u)
+            u_op = op if pw.is_view(u) else u
+            if u.name in base.rewritten or any(n.name in base.saved for n in [u, *pw.view_descendants(u)]):
+                continue
+            if any(is_backward(r) for r in u.users):
+                return u_op
+            stack.append((u, u_op))
+    return None
 
 
 def apply_site(gm: fx.GraphModule, site: MaskSite, cfg: ApproxBPConfig) -> set[str]:

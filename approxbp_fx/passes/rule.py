@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from ..config import ApproxBPConfig
 
-__all__ = ["Site", "SiteFields", "Rule", "RULES", "register"]
+__all__ = ["Baseline", "Site", "SiteFields", "Rule", "RULES", "register"]
 
 
 class Site(Protocol):
@@ -68,10 +68,27 @@ class SiteFields:
         return dataclasses.replace(self, skip=why)
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """What a site's prediction is made against.
+
+    ``saved``: bytes by node name that inductor's partition of the untouched
+    graph saves. ``rewritten``: the nodes written (re-pointed, replaced) by the
+    sites already predicted to pay, earlier rules' first: their backward
+    readers are those sites' business, so a prediction need not count them.
+    """
+
+    saved: dict[str, int]
+    rewritten: frozenset[str] = frozenset()
+
+    def bytes_of(self, names) -> int:
+        return sum(self.saved.get(n, 0) for n in names)
+
+
 # (gm, cfg) -> candidate sites, skipped ones included with their reason.
 FindSites = Callable[[fx.GraphModule, ApproxBPConfig], list]
-# (gm, site, saved bytes by name in the baseline partition, cfg) -> (bytes left saved, why it would not pay).
-Predict = Callable[[fx.GraphModule, Site, dict, ApproxBPConfig], tuple[int, str]]
+# (gm, site, baseline, cfg) -> (bytes left saved, why it would not pay).
+Predict = Callable[[fx.GraphModule, Site, Baseline, ApproxBPConfig], tuple[int, str]]
 # (gm, site, cfg) -> names of the nodes the rewrite added (where the site's saved tensors now live).
 ApplySite = Callable[[fx.GraphModule, Site, ApproxBPConfig], set[str]]
 

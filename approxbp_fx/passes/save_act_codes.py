@@ -47,7 +47,7 @@ from ..codes import packed_numel
 from . import pointwise as pw
 from .graph_bytes import hint, is_backward, nbytes
 from .graph_edit import copy_meta, fake_run
-from .rule import Rule, SiteFields, register
+from .rule import Baseline, Rule, SiteFields, register
 
 __all__ = ["ActSite", "RULE", "find_sites", "predict", "apply_site"]
 
@@ -235,7 +235,7 @@ def apply_site(gm: fx.GraphModule, site: ActSite, cfg: ApproxBPConfig) -> set[st
     return {n.name for n in new} | {v.name for n in new for v in pw.view_descendants(n)}
 
 
-def predict(gm: fx.GraphModule, site: ActSite, base_saved: dict[str, int], cfg: ApproxBPConfig) -> tuple[int, str]:
+def predict(gm: fx.GraphModule, site: ActSite, base: Baseline, cfg: ApproxBPConfig) -> tuple[int, str]:
     """Bytes the site would keep saved after the rewrite, and why it would not pay."""
     nodes = {n.name: n for n in gm.graph.nodes}
     codes = hint(packed_numel(nodes[site.x].meta["val"].numel(), cfg.bits)) + 1  # + the non-finite flag
@@ -253,10 +253,10 @@ def predict(gm: fx.GraphModule, site: ActSite, base_saved: dict[str, int], cfg: 
     y_bytes = sum(nbytes(nodes[y].meta["val"]) for y in site.ys if readers[y])
     # So does x, if backward reads it outside the activation.
     x_readers = backward_users(nodes[site.x])
-    x_bytes = sum(base_saved.get(n, 0) for n in site.x_aliases) if x_readers else 0
+    x_bytes = base.bytes_of(site.x_aliases) if x_readers else 0
     after = codes + y_bytes + x_bytes
     y_names = [n for y in site.ys for n in [y, *(v.name for v in pw.view_descendants(nodes[y]))]]
-    if y_readers and not any(n in base_saved for n in y_names):
+    if y_readers and not any(n in base.saved for n in y_names):
         why = (
             f"backward reads the {site.activation} output ({y_readers[0].target}), which inductor "
             f"recomputes from the input; saving it plus codes ({after} B) would exceed the "
@@ -265,7 +265,7 @@ def predict(gm: fx.GraphModule, site: ActSite, base_saved: dict[str, int], cfg: 
     elif x_readers:
         why = f"backward still reads the input elsewhere ({x_readers[0].target})"
     else:
-        why = f"inductor saves only {sum(base_saved.get(n, 0) for n in site.tensors)} B here"
+        why = f"inductor saves only {base.bytes_of(site.tensors)} B here"
     return after, why
 
 

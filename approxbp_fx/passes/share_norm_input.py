@@ -47,7 +47,7 @@ from . import norm_match as nm
 from . import pointwise as pw
 from .graph_bytes import is_backward, nbytes
 from .graph_edit import copy_meta, fake_run
-from .rule import Rule, SiteFields, register
+from .rule import Baseline, Rule, SiteFields, register
 
 __all__ = ["NormSite", "RULE", "find_sites", "predict", "apply_site"]
 
@@ -231,15 +231,15 @@ def _share_dtype(site: NormSite, nodes: dict[str, fx.Node], consumer_reads, cfg:
 # --------------------------------------------------------------------------- accounting
 
 
-def predict(gm: fx.GraphModule, site: NormSite, base_saved: dict[str, int], cfg: ApproxBPConfig) -> tuple[int, str]:
+def predict(gm: fx.GraphModule, site: NormSite, base: Baseline, cfg: ApproxBPConfig) -> tuple[int, str]:
     """Bytes the site would keep saved after the rewrite, and why it would not pay."""
     nodes = {n.name: n for n in gm.graph.nodes}
     xv = nodes[site.x].meta["val"]
     shared = nbytes(xv) // xv.element_size() * site.share_dtype.itemsize
     # Statistics stay saved as the partitioner chose them (they are rows, not elements).
-    stats = sum(base_saved.get(n, 0) for n in site.stats)
+    stats = base.bytes_of(site.stats)
     after = shared + stats
-    before = sum(base_saved.get(n, 0) for n in site.tensors)
+    before = base.bytes_of(site.tensors)
     return after, f"inductor saves only {before} B here; sharing would keep {after} B"
 
 

@@ -64,12 +64,58 @@ def test_a_small_mask_stays_as_it_is_and_says_why():
     assert not d.rewritten and d.reason == "96 elements: too small to pay for the pack"
 
 
-def test_every_residual_dropout_mask_of_bf16_gpt2_is_packed_with_pointwise_recompute_allowed():
+class _DropoutAttention(nn.Module):
+    """softmax(q kᵀ) → dropout → @ v: backward reads the dropped probabilities for v's gradient."""
+
+    def __init__(self, d: int = 64) -> None:
+        super().__init__()
+        self.qkv, self.drop = nn.Linear(d, 3 * d), nn.Dropout(0.1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.drop(torch.softmax(q @ k.transpose(-1, -2), -1)) @ v
+
+
+def _spy_trials(monkeypatch) -> list[bool]:
+    """For every partitioner run from now on: did its graph hold a packed mask?"""
+    from approxbp_fx.partition import ApproxBPPartitioner
+
+    trials = []
+    partition = ApproxBPPartitioner._partition
+
+    def spy(self, gm, *args):
+        trials.append(any(n.target is torch.ops.approxbp.pack_bits.default for n in gm.graph.nodes))
+        return partition(self, gm, *args)
+
+    monkeypatch.setattr(ApproxBPPartitioner, "_partition", spy)
+    return trials
+
+
+@pytest.mark.parametrize("recompute", ["allowed", "banned"])
+def test_a_mask_that_backward_recomputes_from_is_predicted_not_to_pay_without_a_trial(monkeypatch, recompute):
+    # With pointwise recompute allowed, inductor saves the mask and recomputes
+    # probs * mask * scale in backward, so a packed copy would be saved beside
+    # the mask. Predicted, not tried: no partitioner run sees a packed mask.
+    trials = _spy_trials(monkeypatch)
+    torch.manual_seed(0)
+    reports = []
+    _step(_DropoutAttention().train(), "approxbp", torch.randn(2, 64, 64), ApproxBPConfig(recompute=recompute), reports)
+    (d,) = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks"]
+    if recompute == "allowed":
+        assert (d.rewritten, any(trials)) == (False, False)
+        assert d.reason == "backward recomputes aten.mul.Tensor from the mask, so it would still read it"
+    else:  # inductor's default saves the dropped probabilities: the mask is read by the gradient alone
+        assert (d.rewritten, trials.count(True)) == (True, 1)
+
+
+def test_every_residual_dropout_mask_of_bf16_gpt2_is_packed_with_pointwise_recompute_allowed(monkeypatch):
     # With recompute allowed, inductor recomputes the embedding dropout's output
     # (the first LayerNorm's input) in backward from the mask; MS-LN then stops
     # backward from reading it, and the mask pays. Judged alone, the mask would
-    # look as if it stayed: only the trial sees both rewrites at once.
+    # look as if it stayed: its prediction sees that MS-LN is predicted to
+    # rewrite that norm. The attention masks stay, predicted so: one trial.
     transformers = pytest.importorskip("transformers")
+    trials = _spy_trials(monkeypatch)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=61, n_positions=32)
@@ -79,6 +125,11 @@ def test_every_residual_dropout_mask_of_bf16_gpt2_is_packed_with_pointwise_recom
     torch._dynamo.reset()
     fn = compiled(model, "approxbp", ApproxBPConfig(recompute="allowed"), reports)
     fn(ids, labels=ids).loss.backward()
-    residual = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks" and d.site.shape == (2, 32, 64)]
+    masks = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks"]
+    residual = [d for d in masks if d.site.shape == (2, 32, 64)]
     assert len(residual) == 5  # embedding, then attention and MLP output per layer
     assert all(d.rewritten for d in residual), [d.reason for d in residual if not d.rewritten]
+    attention = [d for d in masks if d.site.shape == (2, 4, 32, 32)]
+    assert len(attention) == 2 and not any(d.rewritten for d in attention)
+    assert all(d.reason.startswith("backward recomputes") for d in attention)
+    assert trials.count(True) == 1  # the one trial holds every residual mask and no refuted one
