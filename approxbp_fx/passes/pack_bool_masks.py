@@ -33,7 +33,7 @@ import torch.fx as fx
 from ..codes import packed_numel
 from ..config import ApproxBPConfig
 from . import pointwise as pw
-from .graph_bytes import hint, is_backward
+from .graph_bytes import hint, is_backward, nbytes
 from .graph_edit import copy_meta, fake_run
 from .rule import Baseline, Rule, SiteFields, register
 
@@ -103,10 +103,10 @@ def predict(gm: fx.GraphModule, site: MaskSite, base: Baseline, cfg: ApproxBPCon
 
     The rewrite re-points only the mask's own backward readers. Where the
     baseline partition recomputes in backward a forward value made from the
-    mask, the recompute still reads the mask, so packing only adds bytes: with
-    pointwise recompute allowed, attention dropout's ``probs * mask * scale``,
-    which the value gradient's bmm reads. Predicting that here saves a trial
-    partition that would refute it.
+    mask, and the mask stays the cheapest way to do so, packing only adds
+    bytes: with pointwise recompute allowed, attention dropout's
+    ``probs * mask * scale``, which the value gradient's bmm reads. Predicting
+    that here saves a trial partition that would refute it.
     """
     before = base.bytes_of(site.tensors)
     after = hint(packed_numel(math.prod(site.shape), 1))
@@ -117,32 +117,44 @@ def predict(gm: fx.GraphModule, site: MaskSite, base: Baseline, cfg: ApproxBPCon
 
 
 def _recomputed_from_mask(gm: fx.GraphModule, site: MaskSite, base: Baseline) -> fx.Node | None:
-    """A forward value pointwise in the mask that backward reads and the baseline does not save, if any.
+    """A value the baseline recomputes from the mask in backward, where the mask stays the cheapest input; or None.
 
-    A value backward reads but nobody saved is recomputed in backward. Walking
-    forward from the mask through pointwise ops and views finds the recomputes
-    that start at the mask. The walk stops at saved values (backward starts
-    from those) and at nodes another site predicted to pay rewrites: GPT-2's
-    embedding dropout output is the first LayerNorm's input, recomputed for the
-    norm's backward and (through its output) c_attn's weight gradient, until
-    MS-LN re-points both to its shared x-hat; then the mask pays. If that
-    site loses its trial, the trial of this one shows it.
+    A forward value backward reads and nobody saved is recomputed in backward.
+    Walking forward from the mask through pointwise ops and views (stopping at
+    saved values, where backward starts) finds the recomputes that start at
+    the mask. After packing, the partitioner keeps such a recompute, and the
+    mask with it, if that still costs least: if every value along the way is
+    larger than the mask (saving one instead costs more), and every other
+    input of the recompute is needed in backward anyway (attention's
+    probabilities, which softmax's backward reads), so costs nothing extra.
+    Otherwise the cut may move, and only the trial can tell: RoBERTa's last
+    output dropout, whose recompute's other input is a Linear's output nobody
+    else needs, pays. The walk also stops at nodes another site predicted to
+    pay rewrites: GPT-2's embedding dropout output is the first LayerNorm's
+    input, which MS-LN stops backward from reading; then the mask pays.
     """
     mask = {n.name: n for n in gm.graph.nodes}[site.x]
-    stack, seen = [(mask, mask)], set()
+    mask_bytes = nbytes(mask.meta["val"])
+    stack, seen = [(mask, mask, frozenset())], set()
     while stack:
-        node, op = stack.pop()  # op: the pointwise op whose value ``node`` is (or views)
+        node, op, others = stack.pop()  # op: the pointwise op whose value ``node`` is (or views)
         for u in node.users:
-            if u in seen or is_backward(u) or not (pw.is_pointwise(u) or pw.is_view(u)):
+            if u in seen or is_backward(u) or not (pw.is_pointwise(u) or pw.is_view(u)) or u.name in base.rewritten:
                 continue
             seen.add(u)
-            u_op = op if pw.is_view(u) else u
-            if u.name in base.rewritten or any(n.name in base.saved for n in [u, *pw.view_descendants(u)]):
+            if any(n.name in base.saved for n in [u, *pw.view_descendants(u)]) or nbytes(u.meta["val"]) <= mask_bytes:
                 continue
-            if any(is_backward(r) for r in u.users):
+            u_op, u_others = (op if pw.is_view(u) else u), others | {a for a in pw.tensor_args(u) if a is not node}
+            if any(is_backward(r) for r in u.users) and all(_needed_anyway(a, base) for a in u_others):
                 return u_op
-            stack.append((u, u_op))
+            stack.append((u, u_op, u_others))
     return None
+
+
+def _needed_anyway(node: fx.Node, base: Baseline) -> bool:
+    """Does backward read ``node`` (or a view of it) itself, through no site predicted to rewrite it?"""
+    forms = [node, *pw.view_descendants(node)]
+    return not any(n.name in base.rewritten for n in forms) and any(is_backward(u) for n in forms for u in n.users)
 
 
 def apply_site(gm: fx.GraphModule, site: MaskSite, cfg: ApproxBPConfig) -> set[str]:

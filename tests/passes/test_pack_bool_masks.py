@@ -133,3 +133,28 @@ def test_every_residual_dropout_mask_of_bf16_gpt2_is_packed_with_pointwise_recom
     assert len(attention) == 2 and not any(d.rewritten for d in attention)
     assert all(d.reason.startswith("backward recomputes") for d in attention)
     assert trials.count(True) == 1  # the one trial holds every residual mask and no refuted one
+
+
+def test_a_mask_whose_recompute_needs_an_input_nobody_else_needs_is_tried_not_predicted():
+    # RoBERTa under autocast: the last layer's output dropout feeds the residual
+    # add into a LayerNorm kept exact, so backward recomputes the add from the
+    # mask and the dense output. That output is needed for nothing else: once
+    # the mask is packed, the partitioner saves the sum instead, and the pack
+    # pays. Only the trial can tell; a prediction from the mask must not hold it.
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.RobertaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                                        intermediate_size=256, vocab_size=61, max_position_embeddings=40)
+    model = transformers.RobertaForSequenceClassification(config).train()
+    ids = torch.randint(3, 61, (2, 32))
+    reports = []
+    torch._dynamo.reset()
+    fn = compiled(model, "approxbp", ApproxBPConfig(recompute="allowed"), reports)
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = fn(input_ids=ids, labels=torch.tensor([0, 1])).loss
+    loss.backward()
+    residual = [d for r in reports for d in r.sites if d.rule == "pack_bool_masks" and d.site.shape == (2, 32, 64)]
+    assert len(residual) == 5  # embedding, then attention and MLP output per layer
+    # The embedding's is refuted by the trial (its recompute feeds a bf16 cast for q, k, v); the rest pay.
+    assert [d.rewritten for d in residual] == [False, True, True, True, True], [d.reason for d in residual]
+    assert residual[0].reason.startswith("measured:")
