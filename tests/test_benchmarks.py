@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import forward_fuzz, fuzz, kernels, norm_saved_bytes, saved_bytes, train_step
+from benchmarks import compile_time, forward_fuzz, fuzz, kernels, norm_saved_bytes, saved_bytes, train_step
 from benchmarks._failures import failure_text, group, minimise
 from benchmarks._render import markdown_table
 
@@ -114,6 +114,16 @@ def test_committed_page_is_what_its_committed_json_renders_to(script):
     name = script.__name__.rpartition(".")[2]
     data = json.loads((DOCS / "results" / f"{name}.json").read_text())
     assert script.render(data["rows"], data["meta"], data["command"]) == (DOCS / f"{name}.md").read_text()
+
+
+def test_compile_time_section_is_what_its_committed_json_renders_to():
+    data = json.loads((DOCS / "results" / "compile_time.json").read_text())
+    page = (DOCS / "performance.md").read_text()
+    section = page.split("<!-- begin compile time (generated) -->\n", 1)[1].split("<!-- end compile time -->", 1)[0]
+    assert compile_time.render(data) == section.rstrip("\n")
+    # The ratios quoted are the medians of the per-round ratios, in each kernel cache.
+    assert data["summary"] == compile_time._summary(data["rounds"])
+    assert set(data["summary"]) == set(compile_time.CACHES)
 
 
 def test_failures_group_by_signature_and_shrink_to_the_smallest_spec_failing_alike():
