@@ -274,9 +274,9 @@ class ApproxBPPartitioner(CustomPartitionerFn):
         is still measured, so the result never saves more than inductor with
         either setting.
         """
-        predictions = {m: self._predict(gm, sites, e.saved) for m, e in exact.items()}
-        mode = min(exact, key=lambda m: exact[m].bytes - _predicted_gain(predictions[m]))
-        try:
+        try:  # the predictions too: a rule's graph walk must not fail the compile
+            predictions = {m: self._predict(gm, sites, e.saved) for m, e in exact.items()}
+            mode = min(exact, key=lambda m: exact[m].bytes - _predicted_gain(predictions[m]))
             result, report = self._rewrite(gm, joint_inputs, kwargs, predictions[mode], exact[mode], mode)
         except Exception as err:  # noqa: BLE001  (see ApproxBPFallbackWarning)
             return None, self._exact_report(sites, err, exact[base].bytes, base)

@@ -74,7 +74,7 @@ def test_two_activations_reading_one_gradient_are_both_rewritten():
     assert sorted((d.site.op, d.rewritten) for r in reports for d in r.sites) == [("gelu", True), ("silu", True)]
 
 
-@pytest.mark.parametrize("where", ["find_sites", "apply_site", "lowering"])
+@pytest.mark.parametrize("where", ["find_sites", "predict", "apply_site", "lowering"])
 def test_an_internal_error_compiles_the_graph_exactly_and_warns(monkeypatch, where):
     model, x = _model_and_input()
     theirs, their_grads = _run(model, "inductor", x)

@@ -142,7 +142,7 @@ def _recomputed_from_mask(gm: fx.GraphModule, site: MaskSite, base: Baseline) ->
             if u in seen or is_backward(u) or not (pw.is_pointwise(u) or pw.is_view(u)) or u.name in base.rewritten:
                 continue
             seen.add(u)
-            if any(n.name in base.saved for n in [u, *pw.view_descendants(u)]) or nbytes(u.meta["val"]) <= mask_bytes:
+            if any(n.name in base.saved for n in [u, *pw.view_descendants(u)]) or nbytes(u.meta.get("val")) <= mask_bytes:
                 continue
             u_op, u_others = (op if pw.is_view(u) else u), others | {a for a in pw.tensor_args(u) if a is not node}
             if any(is_backward(r) for r in u.users) and all(_needed_anyway(a, base) for a in u_others):
