@@ -342,9 +342,8 @@ class ApproxBPPartitioner(CustomPartitionerFn):
 
     def _predict(self, gm, sites, base_saved) -> dict[Key, SiteDecision]:
         decisions: dict[Key, SiteDecision] = {}
-        rewritten: set[str] = set()  # written by the sites predicted to pay so far (rule order)
+        base = Baseline(base_saved)  # grows by the nodes of each site predicted to pay (rule order)
         for rule, s in sites:
-            base = Baseline(base_saved, frozenset(rewritten))
             before = base.bytes_of(s.tensors)
             d = SiteDecision(s, rule, False, s.skip or "", before, before)
             if s.skip is None:
@@ -353,7 +352,7 @@ class ApproxBPPartitioner(CustomPartitionerFn):
                 d.reason = why if not d.rewritten else "rewritten"
                 d.bytes_after = predicted if d.rewritten else before  # the trial measures it
                 if d.rewritten:
-                    rewritten |= s.writes
+                    base = Baseline(base_saved, base.rewritten | s.writes)
             decisions[(rule, s.key)] = d
         return decisions
 
